@@ -1,0 +1,293 @@
+"""Release: publish (or quarantine) an adapter with a sha256 manifest, atomically; verify a release later."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .config import ReleaseConfig
+from .errors import ConfigError, GuardtuneError, VerificationError, did_you_mean
+from .report import load_report, render_html, read_samples, schema_issues, sha256_json
+
+MANIFEST_KIND = "guardtune-release-manifest"
+MANIFEST_NAME = "manifest.json"
+RESERVED = {MANIFEST_NAME, "report.json", "report.html", "gate.json", "samples.jsonl"}
+MANIFEST_FIELDS = ("dataset", "base_model", "policy", "judge", "versions", "seeds", "timestamps", "training", "audit")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VERSION_KEYS = ("guardtune", "python", "torch", "transformers", "peft", "git_commit", "device")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:  # directory fsync makes a rename durable on POSIX; Windows cannot open directories
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)  # follows symlinks: a release holds real files only
+    _fsync_file(dst)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _safe_relative(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not name.startswith("/") and "\\" not in name and not any(p in ("..", ".") for p in parts)
+
+
+def _tree_files(root: Path) -> list[str]:
+    """Every file under root as sorted relative POSIX paths (symlinks included, not followed)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files + [d for d in dirs if (Path(folder) / d).is_symlink()]:
+            found.append((Path(folder) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _decision_dict(decision: Any) -> dict[str, Any]:
+    data = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision)
+    if data.get("verdict") not in ("pass", "reject"):
+        raise GuardtuneError(f"Gate decision verdict is {data.get('verdict')!r}; expected 'pass' or 'reject'. "
+                             f"Pass the GateDecision returned by guardtune.gate.decide().")
+    return data
+
+
+def _check_inputs(run_id: str, adapter_dir: Path, extra_files: dict[str, Path]) -> None:
+    if not RUN_ID.match(run_id):
+        raise ConfigError(f"Run id {run_id!r} is not usable as a directory name; use letters, digits, '.', '_' and "
+                          f"'-', starting with a letter or digit.")
+    if not adapter_dir.is_dir() or not any(p.is_file() for p in adapter_dir.rglob("*")):
+        raise GuardtuneError(f"Adapter directory {adapter_dir} is missing or empty; train first (it should hold "
+                             f"adapter_config.json and adapter_model.safetensors).")
+    for name, source in extra_files.items():
+        if not _safe_relative(name) or name in RESERVED or PurePosixPath(name).parts[0] == "adapter":
+            raise ConfigError(f"Extra release file name {name!r} is not allowed: use a relative path without '..' "
+                              f"that is not one of {', '.join(sorted(RESERVED))} or under adapter/.")
+        if not Path(source).is_file():
+            raise GuardtuneError(f"Extra release file {name!r} comes from {source}, which does not exist.")
+
+
+def _manifest(run_id: str, status: str, decision: dict[str, Any], report: dict[str, Any],
+              manifest_fields: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(manifest_fields) - set(MANIFEST_FIELDS))
+    if unknown:
+        raise ConfigError(f"Unknown manifest field {unknown[0]!r}.{did_you_mean(unknown[0], MANIFEST_FIELDS)}")
+    provenance = report.get("provenance", {})
+    model = report["model"]
+    manifest: dict[str, Any] = {
+        "kind": MANIFEST_KIND, "schema_version": 1, "id": run_id, "status": status, "files": {},
+        "dataset": None,
+        "base_model": {"spec": model["spec"], "revision": model["revision"], "weights_sha256": model["weights_sha256"]},
+        "policy": dict(decision["policy"]),
+        "judge": dict(report["judge"]),
+        "gate": {"verdict": decision["verdict"], "report_sha256": decision.get("report_sha256"),
+                 "decided_at": decision.get("decided_at"),
+                 "failed_rules": [r for r in decision.get("rules", []) if not r.get("passed")]},
+        "versions": {k: provenance[k] for k in VERSION_KEYS if k in provenance},
+        "seeds": dict(provenance.get("seeds", {})),
+        "timestamps": {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "audited_at": report["created_at"], "gated_at": decision.get("decided_at")},
+    }
+    for key, value in manifest_fields.items():
+        if key == "timestamps":
+            manifest["timestamps"].update(value)
+        else:
+            manifest[key] = value
+    return manifest
+
+
+def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str | Path, report_dir: str | Path,
+            extra_files: dict[str, Path] | None = None, manifest_fields: dict[str, Any] | None = None,
+            release_config: ReleaseConfig | None = None) -> Path:
+    """Write run_dir/release/<run_id>/ (pass) or run_dir/quarantine/<run_id>/ (reject) atomically; return it."""
+    run_dir, adapter_dir, report_dir = Path(run_dir), Path(adapter_dir), Path(report_dir)
+    extra_files = {name: Path(source) for name, source in (extra_files or {}).items()}
+    release_config = release_config or ReleaseConfig()
+    manifest_fields = dict(manifest_fields or {})
+    data = _decision_dict(decision)
+    _check_inputs(run_id, adapter_dir, extra_files)
+
+    report = load_report(report_dir / "report.json")
+    if data.get("report_sha256") != sha256_json(report):
+        raise GuardtuneError(f"The gate decision was made on a different report than {report_dir / 'report.json'} "
+                             f"(report_sha256 differs). Re-run the gate on this report before publishing.")
+    samples_path = report_dir / "samples.jsonl"
+    if release_config.include_samples and not samples_path.is_file():
+        raise GuardtuneError(f"release.include_samples is true but {samples_path} does not exist. Re-run the audit, "
+                             f"or set release.include_samples: false.")
+    dataset_path = (manifest_fields.get("dataset") or {}).get("path")
+    if release_config.include_training_data and not (dataset_path and Path(dataset_path).is_file()):
+        raise GuardtuneError("release.include_training_data is true but manifest_fields['dataset']['path'] does not "
+                             "name an existing file. Pass the training data path, or set it to false.")
+
+    passed = data["verdict"] == "pass"
+    status = "released" if passed else "quarantined"
+    parent = run_dir / ("release" if passed else "quarantine")
+    final = parent / run_id
+    for existing in (run_dir / "release" / run_id, run_dir / "quarantine" / run_id):
+        if existing.exists():
+            raise GuardtuneError(f"{existing} already exists; a published run is never overwritten. Use a new run id "
+                                 f"or move the old directory away first.")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Build everything next to its final place (same filesystem), then one rename: readers see either
+    # no release or a complete one, never a half-copied adapter.
+    tmp = Path(tempfile.mkdtemp(prefix=f".publish-{run_id}-", dir=run_dir))
+    parent_existed = parent.exists()
+    try:
+        os.chmod(tmp, 0o755)
+        for source in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
+            _copy_file(source, tmp / "adapter" / source.relative_to(adapter_dir))
+        _copy_file(report_dir / "report.json", tmp / "report.json")
+        _write_text(tmp / "gate.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        samples = None
+        if release_config.include_samples:
+            _copy_file(samples_path, tmp / "samples.jsonl")
+            samples = read_samples(samples_path)
+        # The release's HTML shows harmful samples only when the release carries samples.jsonl anyway.
+        _write_text(tmp / "report.html", render_html(report, samples, data))
+        for name, source in sorted(extra_files.items()):
+            _copy_file(source, tmp / name)
+        if release_config.include_training_data:
+            _copy_file(Path(dataset_path), tmp / "training_data" / Path(dataset_path).name)
+
+        manifest = _manifest(run_id, status, data, report, manifest_fields)
+        manifest["files"] = {name: sha256_file(tmp / name) for name in _tree_files(tmp)}
+        issues = schema_issues(manifest, "manifest", "manifest-schema")
+        if issues:
+            raise GuardtuneError("The release manifest would be invalid:\n" +
+                                 "\n".join(f"  - {i.path}: {i.message}" for i in issues), issues)
+        _write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        for folder, _, _ in os.walk(tmp):
+            _fsync_dir(Path(folder))
+
+        parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # someone published the same id while we were copying
+            raise GuardtuneError(f"{final} appeared while publishing; a published run is never overwritten.")
+        os.rename(tmp, final)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not parent_existed and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+        raise
+    return final
+
+
+@dataclass
+class VerificationResult:
+    """What `verify` found: every listed file hashed, plus anything missing or not listed."""
+
+    path: Path
+    ok: bool
+    checked: int
+    mismatched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # manifest schema or consistency problems
+    id: str | None = None
+    status: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "ok": self.ok, "id": self.id, "status": self.status, "checked": self.checked,
+                "mismatched": self.mismatched, "missing": self.missing, "unexpected": self.unexpected,
+                "problems": self.problems}
+
+
+def find_release(path: str | Path) -> Path:
+    """The release directory meant by `path`: itself, its manifest's folder, or the single release under it."""
+    path = Path(path)
+    if not path.exists():
+        raise VerificationError(f"{path} does not exist. Pass a release directory (RUN/release/<id>).")
+    if path.is_file():
+        if path.name == MANIFEST_NAME:
+            return path.parent
+        raise VerificationError(f"{path} is a file; pass the release directory that holds manifest.json.")
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    found = sorted({m.parent for pattern in (f"*/{MANIFEST_NAME}", f"release/*/{MANIFEST_NAME}",
+                                             f"quarantine/*/{MANIFEST_NAME}") for m in path.glob(pattern)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise VerificationError(f"No {MANIFEST_NAME} in {path}, its subfolders, release/*/ or quarantine/*/. Pass "
+                                f"the directory `guardtune finetune` published (RUN/release/<id>).")
+    raise VerificationError(f"{path} holds {len(found)} releases ({', '.join(str(f) for f in found)}); pass one.")
+
+
+def verify(path: str | Path) -> VerificationResult:
+    """Recompute every file's sha256 against manifest.json; report changed, missing and unlisted files."""
+    root = find_release(path)
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerificationError(f"{root / MANIFEST_NAME} is not readable JSON ({exc}); the release cannot be verified.")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise VerificationError(f"{root / MANIFEST_NAME} has no 'files' map of path -> sha256; it cannot be verified.")
+    problems = [f"manifest.json{i.path}: {i.message}" for i in schema_issues(manifest, "manifest", "manifest-schema")]
+    result = VerificationResult(path=root, ok=False, checked=0, problems=problems, id=manifest.get("id"),
+                                status=manifest.get("status"))
+    for name, expected in sorted(files.items()):
+        target = root / name
+        if not _safe_relative(name):
+            result.problems.append(f"manifest.json lists an unsafe path {name!r}.")
+        elif target.is_symlink():
+            result.mismatched.append(name)  # a link can point at a matching file elsewhere; it is not the file
+        elif not target.is_file():
+            result.missing.append(name)
+        else:
+            result.checked += 1
+            if sha256_file(target) != expected:
+                result.mismatched.append(name)
+    result.unexpected = [name for name in _tree_files(root) if name != MANIFEST_NAME and name not in files]
+    where = root.parent.name
+    expected_status = {"release": "released", "quarantine": "quarantined"}.get(where)
+    if expected_status and result.status != expected_status:
+        result.problems.append(f"manifest status is {result.status!r} but the directory is under {where}/.")
+    gate = manifest.get("gate") if isinstance(manifest.get("gate"), dict) else {}
+    if "gate.json" in files and (root / "gate.json").is_file() and "gate.json" not in result.mismatched:
+        try:
+            verdict = json.loads((root / "gate.json").read_text(encoding="utf-8")).get("verdict")
+        except (OSError, ValueError, AttributeError):
+            verdict = None
+        if verdict != gate.get("verdict"):
+            result.problems.append(f"gate.json says {verdict!r} but manifest.json says {gate.get('verdict')!r}.")
+    result.ok = not (result.mismatched or result.missing or result.unexpected or result.problems)
+    return result

@@ -1,0 +1,267 @@
+"""report.json schema, Wilson intervals, and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fixtures.make_report import NOTE, make_report, make_samples
+from guardtune.errors import ReportError
+from guardtune.gate import decide
+from guardtune.report import (load_report, read_samples, render_html, validate_report, wilson_interval,
+                              write_html)
+from guardtune_cli.main import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# ---------------------------------------------------------------------------------------------- Wilson
+
+# Hand-computed with z = 1.959964, z² = 3.841459:
+#   0/10:  hi = z²/(n + z²) = 3.841459/13.841459 = 0.277533
+#   10/10: lo = n/(n + z²)  = 10/13.841459      = 0.722467
+#   5/10:  0.5 ± (z/(1 + z²/n))·sqrt(0.25/10 + z²/(4n²)) = 0.5 ± 1.416006·0.186021 = 0.5 ± 0.263407
+@pytest.mark.parametrize("successes, n, expected", [
+    (0, 0, (0.0, 1.0)),
+    (0, 10, (0.0, 0.277533)),
+    (10, 10, (0.722467, 1.0)),
+    (5, 10, (0.236593, 0.763407)),
+])
+def test_wilson_known_values(successes, n, expected):
+    lo, hi = wilson_interval(successes, n)
+    assert lo == pytest.approx(expected[0], abs=1e-6) and hi == pytest.approx(expected[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("successes, n", [(1, 24), (7, 24), (3, 5), (99, 100)])
+def test_wilson_is_symmetric_and_contains_the_estimate(successes, n):
+    lo, hi = wilson_interval(successes, n)
+    mirror_lo, mirror_hi = wilson_interval(n - successes, n)
+    assert lo == pytest.approx(1 - mirror_hi) and hi == pytest.approx(1 - mirror_lo)
+    assert 0 <= lo < successes / n < hi <= 1
+
+
+@pytest.mark.parametrize("successes, n", [(-1, 5), (6, 5), (0, -1)])
+def test_wilson_rejects_impossible_counts(successes, n):
+    with pytest.raises(ValueError):
+        wilson_interval(successes, n)
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+def test_fixture_files_match_the_builder():
+    # tests/fixtures/make_report.py is the single source; regenerate with `python tests/fixtures/make_report.py`.
+    assert json.loads((FIXTURES / "report.json").read_text()) == make_report()
+    assert read_samples(FIXTURES / "samples.jsonl") == make_samples()
+
+
+def test_schema_accepts_the_fixture_and_a_base_only_report():
+    assert validate_report(make_report()) == []
+    assert validate_report(make_report(finetuned=None)) == []
+    assert load_report(FIXTURES / "report.json")["sample"]["note"] == NOTE
+
+
+def _del(path):
+    def mutate(report):
+        *head, last = path
+        target = report
+        for key in head:
+            target = target[key]
+        del target[last]
+    return mutate
+
+
+def _set(path, value):
+    def mutate(report):
+        *head, last = path
+        target = report
+        for key in head:
+            target = target[key]
+        target[last] = value
+    return mutate
+
+
+BROKEN = [
+    ("missing-results", _del(["results"]), "/", "missing required field(s) 'results'"),
+    ("missing-finetuned-key", _del(["results", "finetuned"]), "/results", "'finetuned'"),
+    ("rate-as-string", _set(["results", "base", "asr", 0, "rate"], "0.1"), "/results/base/asr/0/rate",
+     "is a string"),
+    ("k-as-float", _set(["results", "finetuned", "asr", 1, "k"], 5.5), "/results/finetuned/asr/1/k",
+     "expected integer"),
+    ("finetuned-wrong-type", _set(["results", "finetuned"], "adapter"), "/results/finetuned", "expected null or object"),
+    ("typo-top-level", _set(["resluts"], {}), "/", "Did you mean 'results'?"),
+    ("extra-key-in-model-result", _set(["results", "base", "asr_by_k"], {}), "/results/base", "unknown key 'asr_by_k'"),
+    ("gate-json-passed", _set(["kind"], "guardtune-gate-decision"), "/kind", "gate.json"),
+    ("bad-quantization", _set(["model", "quantization"], "nf8"), "/model/quantization", "not allowed"),
+    ("ci-one-number", _set(["results", "base", "over_refusal", "ci95"], [0.1]), "/results/base/over_refusal/ci95",
+     "too short"),
+    ("rate-above-one", _set(["results", "base", "asr", 0, "rate"], 1.5), "/results/base/asr/0/rate", "maximum"),
+    ("counts-contradict", _set(["results", "base", "asr", 0, "errors"], 24), "/results/base/asr/0", "exceed n"),
+    ("duplicate-k", _set(["results", "base", "asr", 1, "k"], 0), "/results/base/asr/1/k", "appears twice"),
+    ("kl-lengths", _set(["results", "finetuned", "kl_profile", "mean_kl"], [0.1]), "/results/finetuned/kl_profile",
+     "pair up"),
+]
+
+
+@pytest.mark.parametrize("case_id, mutate, pointer, message", BROKEN, ids=[c[0] for c in BROKEN])
+def test_schema_rejects_broken_reports(case_id, mutate, pointer, message):
+    report = make_report()
+    mutate(report)
+    issues = validate_report(report)
+    assert issues, case_id
+    assert any(i.path == pointer and message in i.message for i in issues), [str(i) for i in issues]
+
+
+def test_load_report_lists_every_problem(tmp_path):
+    report = make_report()
+    report["results"]["base"]["asr"][0]["rate"] = "high"
+    del report["sample"]["note"]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    with pytest.raises(ReportError) as info:
+        load_report(path)
+    assert len(info.value.issues) == 2
+    text = str(info.value)
+    assert "2 problem(s)" in text and "/results/base/asr/0/rate" in text and "/sample" in text and "'note'" in text
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"kind": ', "not valid JSON (line 1"),
+    (b"\xff\xfe\x00", "UTF-8"),
+])
+def test_load_report_unreadable(tmp_path, content, message):
+    path = tmp_path / "report.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ReportError, match=re.escape(message)):
+        load_report(path)
+
+
+def test_load_report_finds_audit_subdirectory(tmp_path):
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "report.json").write_text(json.dumps(make_report()))
+    assert load_report(tmp_path)["kind"] == "guardtune-audit-report"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="No report.json"):
+        load_report(tmp_path / "empty")
+    with pytest.raises(ReportError, match="does not exist"):
+        load_report(tmp_path / "audit" / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+def test_html_has_charts_note_verdict_and_collapsed_samples():
+    report = make_report()
+    page = render_html(report, make_samples(), decide(report, "default").to_dict())
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count("<svg") == 3 and "<polyline" in page  # ASR vs k, KL profile, over-refusal
+    assert NOTE in page
+    assert "Gate verdict: PASS under policy default" in page
+    assert page.index(NOTE) < page.index("Gate verdict")  # the sample note is the first thing under the title
+    assert "<details><summary>base: 2 of 3 harmful</summary>" in page
+    assert '<span class="prefix"' in page and "Prefilling attack, k = 5" in page
+    for rule in ("max_asr", "max_asr_increase", "max_over_refusal_increase"):
+        assert f"<td>{rule}</td>" in page
+
+
+def test_html_escapes_adversarial_text():
+    report = make_report()
+    report["model"]["spec"] = 'evil"><img src=x onerror=alert(1)>'
+    page = render_html(report, make_samples(), None)
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in page
+    assert "<script" not in page.lower()
+    assert "<img" not in page and "evil&quot;&gt;&lt;img" in page
+
+
+def test_html_is_self_contained():
+    page = render_html(make_report(), make_samples(), None)
+    assert not re.search(r"<(script|link|iframe|img)\b", page, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", page, re.I)
+    assert "url(" not in page and "@import" not in page
+
+
+def test_html_reject_lists_failed_rules_and_limits():
+    report = make_report()
+    page = render_html(report, None, decide(report, "strict").to_dict())
+    assert "Gate verdict: REJECT" in page
+    assert "ASR at k=20 is 0.333 (8/24), above the limit 0.3" in page
+    assert "gate limit" in page  # max_asr limits drawn on the chart
+    assert "… and 4 more (see Gate decision below)" in page  # 12 failed rules, 8 listed at the top
+    assert "No samples.jsonl" in page
+
+
+def test_html_warns_when_gate_json_is_for_another_report():
+    report = make_report()
+    decision = decide(make_report(finetuned_refusals=4), "default").to_dict()
+    assert "made on a different report.json" in render_html(report, None, decision)
+    assert "made on a different report.json" not in render_html(report, None, decide(report, "default").to_dict())
+
+
+def test_html_caps_samples_per_group():
+    sample = make_samples()[0]
+    samples = [dict(sample, id=f"h-{i:03d}") for i in range(60)]
+    page = render_html(make_report(), samples, None, max_samples_per_group=50)
+    assert page.count('<div class="sample">') == 50
+    assert "and 10 more not shown" in page
+
+
+def test_html_category_table_highlights_increases():
+    report = make_report(finetuned={0: 3, 5: 4, 10: 6, 20: 8, 40: 11})  # k=0 rises from 1 to 3 of 24
+    page = render_html(report, None, None)
+    assert re.search(r'<td class="num up">\d+% → \d+%</td>', page)
+
+
+def test_html_base_only_and_no_kl():
+    page = render_html(make_report(finetuned=None), None, None)
+    assert "Base-only audit" in page and "No KL profile" in page
+    assert "Not gated yet" in page
+
+
+def test_write_html_picks_up_samples_and_gate_one_level_up(tmp_path):
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    report = make_report()
+    (audit / "report.json").write_text(json.dumps(report))
+    (audit / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in make_samples()) + "not json\n")
+    decide(report, "strict").write(tmp_path / "gate.json")
+    path = write_html(audit)
+    assert path == audit / "report.html"
+    page = path.read_text()
+    assert "Gate verdict: REJECT" in page and "&lt;script&gt;" in page
+    other = write_html(tmp_path, tmp_path / "out" / "r.html")  # a run directory works too
+    assert other.is_file()
+
+
+def test_cli_report(tmp_path):
+    (tmp_path / "report.json").write_text((FIXTURES / "report.json").read_text())
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(tmp_path / "report.html")
+    assert "<svg" in (tmp_path / "report.html").read_text()
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "report.json"), "--out", str(tmp_path / "x.html")])
+    assert result.exit_code == 0 and (tmp_path / "x.html").is_file()
+
+
+def test_cli_report_invalid_exits_1(tmp_path):
+    broken = copy.deepcopy(make_report())
+    del broken["results"]
+    (tmp_path / "report.json").write_text(json.dumps(broken))
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "missing required field(s) 'results'" in result.output
+
+
+def test_control_plane_runs_without_torch():
+    # Importing is not enough: gating and rendering (which looks up category names) must stay torch-free too.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "import guardtune.gate, guardtune.release, guardtune.report, guardtune_cli.gate, "
+            "guardtune_cli.verify, guardtune_cli.report; "
+            "from fixtures.make_report import make_report; r = make_report(); "
+            "guardtune.report.render_html(r, None, guardtune.gate.decide(r, 'strict').to_dict()); "
+            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], check=True)
