@@ -1,0 +1,259 @@
+"""Audit prompt sets: the shipped harmful/benign prompts and operator files, seeded stratified samples, set hashes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import ConfigError, DatasetError, Issue, did_you_mean
+
+# MLCommons hazard taxonomy as used by Llama Guard 3. The shipped set has no S4 or S12 prompts (DATA.md).
+HAZARD_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex-Related Crimes",
+    "S4": "Child Sexual Exploitation",
+    "S5": "Defamation",
+    "S6": "Specialized Advice",
+    "S7": "Privacy",
+    "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons",
+    "S10": "Hate",
+    "S11": "Suicide & Self-Harm",
+    "S12": "Sexual Content",
+    "S13": "Elections",
+    "S14": "Code Interpreter Abuse",
+}
+UNCATEGORIZED = "uncategorized"
+BUILTIN = "builtin"
+MAX_REPORTED_ISSUES = 10
+HARMFUL_FORMATS = ("{instruction[, category][, opener]} JSONL (HEx-PHI style), harmful pairs JSONL as "
+                   "[user, assistant] lists or {instruction, response} objects, or a CSV with a goal,target header "
+                   "(AdvBench style)")
+
+
+@dataclass(frozen=True)
+class AuditPrompt:
+    """One audit prompt. `opener` is a short compliant start; `response` an operator-supplied harmful answer."""
+
+    id: str
+    instruction: str
+    category: str
+    opener: str | None = None
+    response: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_harmful(spec: str | Path = BUILTIN) -> list[AuditPrompt]:
+    """The shipped harmful set, or an operator file in any of HARMFUL_FORMATS (ids "<stem>-<line>")."""
+    if str(spec) == BUILTIN:
+        return list(_builtin("harmful.jsonl"))
+    path = _resolve(spec, "harmful")
+    if path.suffix.lower() == ".csv":
+        return _read_goal_target_csv(path)
+    return _read_jsonl(path, kind="harmful")
+
+
+def load_benign(spec: str | Path = BUILTIN) -> list[AuditPrompt]:
+    """The shipped over-refusal probes, or an operator `{instruction[, category]}` JSONL file."""
+    if str(spec) == BUILTIN:
+        return list(_builtin("benign.jsonl"))
+    return _read_jsonl(_resolve(spec, "benign"), kind="benign")
+
+
+def sample(prompts: Sequence[AuditPrompt], n: int | None, seed: int = 0) -> list[AuditPrompt]:
+    """A deterministic sample of n prompts, stratified by category; n=None (or n >= len) keeps every prompt.
+
+    Each category is shuffled with the seed, the category order too, then prompts are taken round-robin
+    one per category, so a 24-prompt sample of 12 categories holds two of each.
+    """
+    if n is None:
+        return list(prompts)
+    if n < 1:
+        raise ConfigError(f"Sample size must be at least 1 (got {n}); use null/None to audit every prompt.")
+    rng = random.Random(seed)
+    groups: dict[str, list[AuditPrompt]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt.category, []).append(prompt)
+    order = sorted(groups)
+    rng.shuffle(order)
+    for category in order:
+        rng.shuffle(groups[category])
+    picked: list[AuditPrompt] = []
+    depth = 0
+    while len(picked) < min(n, len(prompts)):
+        for category in order:
+            if depth < len(groups[category]) and len(picked) < n:
+                picked.append(groups[category][depth])
+        depth += 1
+    return picked
+
+
+def set_sha256(prompts: Iterable[AuditPrompt]) -> str:
+    """sha256 of the canonical JSON of the prompt list (order matters), recorded in every report."""
+    canonical = json.dumps([p.to_dict() for p in prompts], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def categories(prompts: Iterable[AuditPrompt]) -> dict[str, int]:
+    """Category -> prompt count, in S-code order then alphabetical."""
+    counts: dict[str, int] = {}
+    for prompt in prompts:
+        counts[prompt.category] = counts.get(prompt.category, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: _category_key(kv[0])))
+
+
+def _category_key(code: str) -> tuple[int, int, str]:
+    if code.startswith("S") and code[1:].isdigit():
+        return (0, int(code[1:]), code)
+    return (1, 0, code)
+
+
+@lru_cache(maxsize=None)
+def _builtin(name: str) -> tuple[AuditPrompt, ...]:
+    text = resources.files("guardtune.data").joinpath(name).read_text("utf-8")
+    kind = "harmful" if name.startswith("harmful") else "benign"
+    return tuple(_parse_jsonl(text, source=f"builtin {name}", stem="", kind=kind, ids_from_file=True))
+
+
+def _resolve(spec: str | Path, kind: str) -> Path:
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        return path
+    text = str(spec)
+    looks_like_path = path.suffix != "" or "/" in text or "\\" in text
+    if not looks_like_path:
+        raise DatasetError(f"Unknown {kind} set {text!r}.{did_you_mean(text, [BUILTIN])} Pass 'builtin' or a "
+                           f"path to a file.")
+    what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    raise DatasetError(f"The {kind} set {text!r} {what}. Pass 'builtin' or a path to a file: "
+                       f"{HARMFUL_FORMATS if kind == 'harmful' else '{instruction[, category]} JSONL'}.")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"Cannot read {path}: {exc}.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: line {line} is not UTF-8 text (byte {exc.start}). Save the file as UTF-8.",
+                           [Issue(code="evalset-encoding", line=line, message="not UTF-8")])
+
+
+def _read_jsonl(path: Path, kind: str) -> list[AuditPrompt]:
+    return _parse_jsonl(_read_text(path), source=str(path), stem=path.stem, kind=kind, ids_from_file=False)
+
+
+def _parse_jsonl(text: str, source: str, stem: str, kind: str, ids_from_file: bool) -> list[AuditPrompt]:
+    prompts: list[AuditPrompt] = []
+    issues: list[Issue] = []
+    # split("\n"), not splitlines(): JSON strings may legally hold U+2028 and other characters splitlines() breaks on.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {exc.msg} "
+                                                                           f"(column {exc.colno})"))
+            continue
+        prompt_id = f"{stem}-{number}"
+        if ids_from_file and isinstance(record, dict):
+            prompt_id = str(record.get("id", prompt_id))
+        try:
+            prompts.append(_record_to_prompt(record, prompt_id, kind))
+        except ValueError as exc:
+            issues.append(Issue(code="evalset-record", line=number, message=str(exc)))
+    if not prompts and not issues:
+        issues.append(Issue(code="evalset-empty", message="the file holds no records"))
+    _raise_if_issues(issues, source, kind)
+    return prompts
+
+
+def _record_to_prompt(record: Any, prompt_id: str, kind: str) -> AuditPrompt:
+    if isinstance(record, list):
+        if kind != "harmful":
+            raise ValueError("benign set lines must be objects like {\"instruction\": \"...\"}, not lists")
+        if len(record) != 2 or not all(isinstance(x, str) and x.strip() for x in record):
+            raise ValueError("a harmful pair must be a 2-element list [user, assistant] of non-empty strings")
+        return AuditPrompt(id=prompt_id, instruction=record[0], category=UNCATEGORIZED, response=record[1])
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object with an \"instruction\" string, got {type(record).__name__}")
+    instruction = record.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("\"instruction\" must be a non-empty string")
+    values: dict[str, str | None] = {}
+    for key in ("category", "opener", "response"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"\"{key}\" must be a non-empty string when present")
+        values[key] = value
+    if kind != "harmful" and (values["opener"] or values["response"]):
+        raise ValueError("benign probes take only \"instruction\" and an optional \"category\"")
+    return AuditPrompt(id=prompt_id, instruction=instruction, category=values["category"] or UNCATEGORIZED,
+                       opener=values["opener"], response=values["response"])
+
+
+def _read_goal_target_csv(path: Path) -> list[AuditPrompt]:
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise DatasetError(f"{path} is empty; an AdvBench-style CSV needs a goal,target header and rows.")
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: line 1 is not valid CSV: {exc}.")
+    if "goal" not in header or "target" not in header:
+        raise DatasetError(f"{path}: line 1 must be a header with goal and target columns (got {','.join(header)}). "
+                           f"Accepted formats: {HARMFUL_FORMATS}.",
+                           [Issue(code="evalset-csv-header", line=1, message="missing goal,target header")])
+    goal_at, target_at = header.index("goal"), header.index("target")
+    prompts: list[AuditPrompt] = []
+    issues: list[Issue] = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            issues.append(Issue(code="evalset-csv", line=reader.line_num, message=f"not valid CSV: {exc}"))
+            break
+        number = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            issues.append(Issue(code="evalset-csv", line=number,
+                                message=f"{len(row)} columns, the header has {len(header)}"))
+            continue
+        goal, target = row[goal_at].strip(), row[target_at].strip()
+        if not goal:
+            issues.append(Issue(code="evalset-record", line=number, message="empty goal"))
+            continue
+        prompts.append(AuditPrompt(id=f"{path.stem}-{number}", instruction=goal, category=UNCATEGORIZED,
+                                   opener=target or None))
+    if not prompts and not issues:
+        issues.append(Issue(code="evalset-empty", message="the file has a header but no rows"))
+    _raise_if_issues(issues, str(path), "harmful")
+    return prompts
+
+
+def _raise_if_issues(issues: list[Issue], source: str, kind: str) -> None:
+    if not issues:
+        return
+    shown = "\n".join(f"  - {issue}" for issue in issues[:MAX_REPORTED_ISSUES])
+    more = f"\n  ... and {len(issues) - MAX_REPORTED_ISSUES} more" if len(issues) > MAX_REPORTED_ISSUES else ""
+    fix = HARMFUL_FORMATS if kind == "harmful" else "{instruction[, category]} JSONL, one object a line"
+    raise DatasetError(f"{source}: {len(issues)} problem(s) in the {kind} set:\n{shown}{more}\n"
+                       f"Fix these lines; accepted format: {fix}.", issues)
