@@ -112,10 +112,15 @@ def _stringify_keys(value: Any) -> Any:
     return value
 
 
+# Blocks a child replaces whole instead of merging key by key: a judge's options belong to its name, so a child
+# switching `{name: hf, path: ...}` to `{name: keyword}` must not inherit `path`.
+REPLACED_WHOLE = ("judge",)
+
+
 def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(parent)
     for key, value in child.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in REPLACED_WHOLE:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
