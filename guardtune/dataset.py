@@ -1,0 +1,613 @@
+"""Stream a JSONL training file, check every line and collect every issue (line + JSON path) into a report."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .config import DatasetConfig, dataset_config, model_config
+from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
+from .policy import Policy, load_policy
+from .tokencount import TokenCounter
+
+SCHEMAS = {"chat": "dataset_chat.schema.json", "prompt_completion": "dataset_prompt.schema.json"}
+FORMAT_LABELS = {"chat": 'chat ({"messages": [...]})',
+                 "prompt_completion": 'prompt/completion ({"prompt": ..., "completion": ...})'}
+ROLES = ("system", "user", "assistant")
+_ARTICLE = {"user": "a", "assistant": "an"}
+_MESSAGE_KEYS = ({"role", "content"}, {"role", "content", "weight"})  # required, allowed
+MAX_ISSUES_PER_CODE = 1000  # stored per code; counts_by_code stays exact
+PROGRESS_MIN_BYTES = 50 * 2**20  # progress bar on a TTY for files larger than this
+
+_BOM = b"\xef\xbb\xbf"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"PK\x03\x04")  # gzip, zip
+_SKIP_CHUNK = 2**20  # bytes read at a time while skipping a line over max_line_bytes
+_JSON_SPACE = " \t\r\n"
+# Raw control bytes never occur in JSON text (they must be escaped), but do in binary and compressed files.
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_JSON_KIND = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+@dataclass
+class ValidationReport:
+    """What `validate_dataset` found. Records themselves are not kept; `iter_records` streams them again."""
+
+    path: str
+    sha256: str | None  # of the raw file bytes; None when the file was too large to read
+    format: str | None  # "chat" | "prompt_completion" | None (no valid record)
+    n_records: int  # valid records
+    n_lines: int
+    issues: list[Issue]  # at most MAX_ISSUES_PER_CODE per code
+    counts_by_code: dict[str, int]  # exact
+    n_errors: int = 0
+    n_warnings: int = 0
+    n_bytes: int = 0
+    policy: dict[str, Any] = field(default_factory=dict)
+    token_check: dict[str, Any] = field(default_factory=dict)  # model (None: not checked), max_tokens
+    dropped_lines: list[int] = field(default_factory=list)  # filled by the risk screen
+
+    @property
+    def valid(self) -> bool:
+        return self.n_errors == 0
+
+    def summary(self) -> str:
+        """One line: 'valid: 60 records, chat format, 0 errors, 1 warning' or 'INVALID: ...'."""
+        label = {"chat": "chat", "prompt_completion": "prompt/completion"}.get(self.format or "", "unknown")
+        tail = f"{label} format, {_plural(self.n_errors, 'error')}, {_plural(self.n_warnings, 'warning')}"
+        if self.valid:
+            return f"valid: {_plural(self.n_records, 'record')}, {tail}"
+        return f"INVALID: {self.n_records} valid of {_plural(self.n_lines, 'line')}, {tail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "guardtune-validation-report", "schema_version": 1, "valid": self.valid,
+                "path": self.path, "sha256": self.sha256, "n_bytes": self.n_bytes, "format": self.format,
+                "n_records": self.n_records, "n_lines": self.n_lines, "n_errors": self.n_errors,
+                "n_warnings": self.n_warnings, "counts": dict(sorted(self.counts_by_code.items())),
+                "issues": [issue.to_dict() for issue in self.issues], "dropped_lines": list(self.dropped_lines),
+                "policy": self.policy, "token_check": self.token_check}
+
+    def write(self, path: str | Path) -> Path:
+        """Write validation.json atomically (a crash never leaves half a report for the next stage)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, target)
+        return target
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ValidationReport":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(path=data["path"], sha256=data["sha256"], format=data["format"],
+                       n_records=data["n_records"], n_lines=data["n_lines"],
+                       issues=[Issue(**issue) for issue in data["issues"]], counts_by_code=dict(data["counts"]),
+                       n_errors=data["n_errors"], n_warnings=data["n_warnings"], n_bytes=data["n_bytes"],
+                       policy=data.get("policy", {}), token_check=data.get("token_check", {}),
+                       dropped_lines=list(data.get("dropped_lines", [])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"Cannot read validation report {path}: {exc}. Re-run `guardtune validate`.")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class _IssueLog:
+    """Counts every issue exactly; stores the first `cap` of each code."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.issues: list[Issue] = []
+        self.counts: dict[str, int] = {}
+        self.n_errors = 0
+        self.n_warnings = 0
+
+    def add(self, code: str, message: str, line: int | None = None, path: str = "",
+            severity: str = "error") -> None:
+        count = self.counts.get(code, 0) + 1
+        self.counts[code] = count
+        if severity == "error":
+            self.n_errors += 1
+        else:
+            self.n_warnings += 1
+        if count <= self.cap:
+            self.issues.append(Issue(code=code, message=message, severity=severity, line=line, path=path))
+
+
+class _NonFiniteNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFiniteNumber(name)
+
+
+@lru_cache(maxsize=None)
+def _validator(fmt: str) -> Any:
+    import jsonschema
+
+    schema = json.loads(resources.files("guardtune").joinpath(f"schemas/{SCHEMAS[fmt]}").read_text("utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
+    """A fast, conservative schema check: True only for records the JSON Schema certainly accepts.
+
+    Why: jsonschema costs about a millisecond per chat record ($ref resolution), hours on a large upload.
+    The schema stays the contract; anything this does not plainly accept goes through jsonschema, and
+    tests check that this never accepts what the schema rejects.
+    """
+    if fmt == "prompt_completion":
+        return (record.keys() == {"prompt", "completion"} and type(record["prompt"]) is str
+                and type(record["completion"]) is str)
+    messages = record.get("messages")
+    if record.keys() != {"messages"} or type(messages) is not list or not messages:
+        return False
+    for message in messages:
+        if type(message) is not dict or not _MESSAGE_KEYS[0] <= message.keys() <= _MESSAGE_KEYS[1]:
+            return False
+        role, content = message["role"], message["content"]
+        if type(role) is not str or role not in ROLES or type(content) is not str:
+            return False
+        if "weight" in message and not (type(message["weight"]) is int and message["weight"] in (0, 1)):
+            return False
+    return True
+
+
+def _pointer(parts: Any) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+class _RecordChecker:
+    """Per-line checks, in order: encoding, JSON, format, schema, structure, duplicates, tokens."""
+
+    def __init__(self, config: DatasetConfig, log: _IssueLog, counter: TokenCounter | None = None):
+        self.config = config
+        self.log = log
+        self.counter = counter
+        self.format: str | None = None
+        self.format_line = 0
+        self.n_records = 0
+        self.crlf_lines = 0
+        self.first_crlf = 0
+        self.saw_content = False
+        self.binary_hint = ""
+        # Exact-duplicate detection keeps a 16-byte digest (and the first line) per record, never the record.
+        self.seen: dict[bytes, int] | None = {} if config.duplicates != "ignore" else None
+        self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+    def check_line(self, line: int, offset: int, raw: bytes) -> list[dict[str, Any]] | None:
+        """The record's messages when the line is a valid record, else None (issues logged)."""
+        if line == 1 and raw.startswith(_BOM):
+            self.log.add("bom", "The file starts with a UTF-8 byte order mark; it is ignored. Save as UTF-8 "
+                         "without BOM to silence this.", line=1, severity="warning")
+            raw, offset = raw[len(_BOM):], offset + len(_BOM)
+        if line == 1 and raw.startswith(_COMPRESSED_MAGIC):
+            self.binary_hint = " The file looks compressed (gzip/zip): decompress it first."
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+                self.crlf_lines += 1
+                self.first_crlf = self.first_crlf or line
+        if not raw.strip(b" \t\r"):
+            self.log.add("blank-line", "Blank line skipped; remove it (each line should be one JSON object).",
+                         line=line, severity="warning")
+            return None
+        self.saw_content = True
+        control = _CONTROL_BYTE.search(raw)
+        if control:
+            self.log.add("binary-data", f"Control byte 0x{raw[control.start()]:02x} at byte offset "
+                         f"{offset + control.start()}: this line is binary data, not JSON text (raw control "
+                         f"characters are not allowed in JSON).{self.binary_hint or ' Upload the plain .jsonl file.'}",
+                         line=line)
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.log.add("invalid-utf8", f"Byte 0x{raw[exc.start]:02x} at byte offset {offset + exc.start} "
+                         f"(byte {exc.start + 1} of the line) is not valid UTF-8. Re-save the file as UTF-8 "
+                         f"(e.g. `iconv -f latin1 -t utf-8`).", line=line)
+            return None
+        record = self._parse(text, line)
+        if record is None:
+            return None
+        return self._check_record(record, line)
+
+    def _parse(self, text: str, line: int) -> dict[str, Any] | None:
+        start = len(text) - len(text.lstrip(_JSON_SPACE))
+        try:
+            record, end = self.decoder.raw_decode(text, start)
+        except _NonFiniteNumber as exc:
+            self.log.add("nan-infinity", f"{exc} is not valid JSON (NaN and Infinity are JavaScript, not JSON). "
+                         f"Write a finite number, a string or null.", line=line)
+            return None
+        except RecursionError:
+            self.log.add("nesting-too-deep", "The JSON is nested too deeply to parse. A training example is an "
+                         "object with a flat list of messages.", line=line)
+            return None
+        except json.JSONDecodeError as exc:
+            hint = " Each line must be one complete JSON object."
+            if exc.pos >= len(text.rstrip(_JSON_SPACE)):
+                hint = (" The line ends early: the record is truncated or split across lines (JSONL needs one "
+                        "object per line; write newlines inside strings as \\n).")
+            self.log.add("invalid-json", f"Not valid JSON: {exc.msg} at column {exc.colno}.{hint}", line=line)
+            return None
+        rest = text[end:].lstrip(_JSON_SPACE)
+        if rest:
+            column = len(text) - len(rest) + 1
+            if rest[0] in "{[":
+                message = (f"A second JSON value starts at column {column}. Put each example on its own line.")
+            else:
+                message = f"Unexpected text {rest[:20]!r} after the JSON value at column {column}. Remove it."
+            self.log.add("trailing-data", message, line=line)
+            return None
+        if not isinstance(record, dict):
+            kind = _JSON_KIND.get(type(record), type(record).__name__)
+            self.log.add("not-an-object", f"The line is a JSON {kind}, not an object. Each line must be an "
+                         f'object: {{"messages": [...]}} or {{"prompt": ..., "completion": ...}}.', line=line)
+            return None
+        return record
+
+    def _check_record(self, record: dict[str, Any], line: int) -> list[dict[str, Any]] | None:
+        errors_before = self.log.n_errors
+        if "messages" in record:
+            fmt = "chat"
+        elif "prompt" in record or "completion" in record:
+            fmt = "prompt_completion"
+        else:
+            keys = ", ".join(repr(k) for k in list(record)[:5])
+            found = f"It has {keys}." if record else "The object is empty."
+            hint = did_you_mean(next(iter(record)), ("messages", "prompt", "completion")) if record else ""
+            self.log.add("unknown-format", f"Neither chat format (a 'messages' key) nor prompt/completion format "
+                         f"('prompt' and 'completion' keys). {found}{hint}", line=line)
+            return None
+        if self.format is not None and fmt != self.format:
+            self.log.add("mixed-format", f"This line is {FORMAT_LABELS[fmt]} but the file is "
+                         f"{FORMAT_LABELS[self.format]} (set by line {self.format_line}). Use one format per file: "
+                         f"convert this line or split the file.", line=line)
+            return None
+        if not _plainly_valid(fmt, record):
+            for error in sorted(_validator(fmt).iter_errors(record), key=lambda e: list(map(str, e.absolute_path))):
+                for path, message in _explain(error):
+                    self.log.add("schema", message, line=line, path=path)
+            if self.log.n_errors > errors_before:
+                return None
+        messages = _to_messages(record)
+        self._check_structure(messages, fmt, line)
+        if self.log.n_errors > errors_before:
+            return None
+        if self.format is None:
+            self.format, self.format_line = fmt, line
+        # A duplicate's length was already checked on the line it duplicates.
+        if not self._is_duplicate(record, line) and self.counter is not None:
+            self._check_tokens(messages, line)
+        if self.log.n_errors > errors_before:
+            return None
+        self.n_records += 1
+        return messages
+
+    def _check_structure(self, messages: list[dict[str, Any]], fmt: str, line: int) -> None:
+        def where(i: int, key: str) -> str:
+            if fmt == "chat":
+                return f"/messages/{i}/{key}"
+            return "/prompt" if i == 0 else "/completion"
+
+        for i, message in enumerate(messages):
+            content = message["content"]
+            if not content.strip():
+                what = f"{message['role']} message" if fmt == "chat" else where(i, "content")[1:]
+                self.log.add("blank-content", f"The {what} is empty or whitespace only. Write its text"
+                             f"{' or remove the turn' if fmt == 'chat' else ''}.", line=line,
+                             path=where(i, "content"))
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                self.log.add("invalid-unicode", f"The text has an unpaired surrogate escape "
+                             f"(\\u{ord(content[exc.start]):04x}) at character {exc.start}; no tokenizer can "
+                             f"encode it. Escape the full surrogate pair or write the character itself.",
+                             line=line, path=where(i, "content"))
+            if "weight" in message and message["role"] != "assistant":
+                self.log.add("misplaced-weight", f"'weight' is only allowed on assistant turns (it says whether "
+                             f"to train on that turn); remove it from this {message['role']} turn.",
+                             line=line, path=where(i, "weight"))
+        roles = [m["role"] for m in messages]
+        expected = "user"
+        for i, role in enumerate(roles):
+            if role == "system":
+                if i > 0:
+                    self.log.add("role-order", "A system message is only allowed once, as the first message. "
+                                 "Merge it into the first message or remove it.", line=line, path=where(i, "role"))
+                continue
+            if role != expected:
+                self.log.add("role-order", f"Expected {_ARTICLE[expected]} {expected} turn here but found {role}: "
+                             f"after an optional system message, turns alternate user, assistant, user, ... Merge "
+                             f"consecutive {role} turns or add the missing {expected} turn.", line=line,
+                             path=where(i, "role"))
+            expected = "assistant" if role == "user" else "user"
+        if "assistant" not in roles:
+            self.log.add("no-assistant-turn", "The example has no assistant turn, so there is nothing to train on. "
+                         "Add the assistant reply as the last message.", line=line, path="/messages")
+        elif roles[-1] != "assistant":
+            self.log.add("role-order", f"The example ends with a {roles[-1]} turn. The last message must be the "
+                         f"assistant reply to train on: add it or remove the trailing turn.", line=line,
+                         path=where(len(roles) - 1, "role"))
+        elif all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+            self.log.add("no-trained-turn", "Every assistant turn has weight 0, so nothing is trained. Set weight "
+                         "1 (or drop 'weight') on at least one assistant turn.", line=line, path="/messages")
+
+    def _is_duplicate(self, record: dict[str, Any], line: int) -> bool:
+        if self.seen is None:
+            return False
+        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        digest = hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
+        first = self.seen.setdefault(digest, line)
+        if first == line:
+            return False
+        self.log.add("duplicate", f"Exact duplicate of line {first}. Remove it: duplicates over-weight one example "
+                     f"(policy dataset.duplicates is {self.config.duplicates}).", line=line,
+                     severity=self.config.duplicates)
+        return True
+
+    def _check_tokens(self, messages: list[dict[str, Any]], line: int) -> None:
+        assert self.counter is not None
+        try:
+            text = self.counter.render(messages)
+        except TemplateError as exc:
+            self.log.add("template-error", f"{exc} Fix the example or use a model whose template accepts it.",
+                         line=line)
+            return
+        bound = self.counter.bound(text)
+        if bound is not None and bound <= self.config.max_tokens:
+            return  # cannot be too long: skip encoding (see tokencount._at_most_one_token_per_byte)
+        n_tokens = self.counter.count_text(text)
+        if n_tokens > self.config.max_tokens:
+            self.log.add("too-many-tokens", f"The example is {n_tokens} tokens with {self.counter.name}'s chat "
+                         f"template; the policy allows {self.config.max_tokens} (dataset.max_tokens). Shorten or "
+                         f"split it, or raise dataset.max_tokens in your policy.", line=line)
+
+    def finish(self, n_lines: int) -> None:
+        """File-level checks once every line has been seen."""
+        config, log = self.config, self.log
+        if self.crlf_lines:
+            log.add("crlf", f"{_plural(self.crlf_lines, 'line')} end with Windows line endings (CRLF), the first "
+                    f"at line {self.first_crlf}; they are accepted. Save with LF endings to silence this.",
+                    line=self.first_crlf, severity="warning")
+        if not self.saw_content:
+            what = "is empty" if n_lines == 0 else "has only blank lines"
+            log.add("empty-file", f"The file {what}: there are no records. Write one JSON object per line.")
+        elif self.n_records < config.min_examples:
+            log.add("too-few-examples", f"Only {_plural(self.n_records, 'valid record')}; the policy needs at least "
+                    f"{config.min_examples} (dataset.min_examples). Fix the invalid lines or add examples.")
+        if self.n_records > config.max_examples:
+            log.add("too-many-examples", f"{self.n_records} records; the policy allows at most "
+                    f"{config.max_examples} (dataset.max_examples). Split the dataset or sample it.")
+
+
+def _to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+
+
+def _explain(error: Any) -> list[tuple[str, str]]:
+    """(JSON pointer, message saying how to fix it) for one jsonschema error."""
+    path = list(error.absolute_path)
+    pointer = _pointer(path)
+    name = str(path[-1]) if path else "the line"
+    if len(path) > 1 and isinstance(path[-1], int):
+        name = f"{path[-2]}[{path[-1]}]"
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        known = list(error.schema.get("properties", {}))
+        return [(_pointer([*path, key]), f"Unknown key {key!r}.{did_you_mean(key, known)} Other keys (tools, "
+                 f"names, function calls) would not be trained on, so they are refused rather than dropped.")
+                for key in error.instance if key not in known]
+    if kind == "required":
+        missing = re.findall(r"'([^']*)' is a required property", error.message)
+        key = missing[0] if missing else error.message
+        return [(_pointer([*path, key]), f"Missing required key {key!r}; add it.")]
+    if kind == "enum" and name == "role":
+        return [(pointer, f"Unknown role {error.instance!r}.{did_you_mean(str(error.instance), ROLES)}")]
+    if kind == "enum" and name == "weight":
+        return [(pointer, f"weight is {error.instance!r}; use 1 (train on this assistant turn) or 0 (context "
+                          f"only).")]
+    if kind == "type":
+        got = _JSON_KIND.get(type(error.instance), "object")
+        hint = " Quote the text." if error.validator_value == "string" else ""
+        return [(pointer, f"{name} must be a JSON {error.validator_value}, not a {got}.{hint}")]
+    if kind == "minItems" and name == "messages":
+        return [(pointer, "messages is empty; add a user turn and the assistant reply.")]
+    return [(pointer, f"{name}: {error.message}.")]
+
+
+def _read_lines(handle: BinaryIO, max_line_bytes: int, digest: Any,
+                progress: Any = None) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, byte offset, raw bytes or None when the line exceeds max_line_bytes), hashing as it reads."""
+    offset = 0
+    line = 0
+    pending = 0
+    while True:
+        # Two extra bytes so a line of exactly max_line_bytes still fits with its CRLF.
+        raw = handle.readline(max_line_bytes + 2)
+        if not raw:
+            break
+        line += 1
+        size = len(raw)
+        digest.update(raw)
+        if not raw.endswith(b"\n") and size == max_line_bytes + 2:
+            # Over the limit: skip the rest of the line chunk by chunk without holding it.
+            raw = None
+            while True:
+                chunk = handle.readline(_SKIP_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                size += len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+        elif len(raw.rstrip(b"\r\n")) > max_line_bytes:
+            raw = None
+        if progress is not None:
+            pending += size
+            if pending >= _SKIP_CHUNK:
+                progress.update(pending)
+                pending = 0
+        yield line, offset, raw
+        offset += size
+    if progress is not None and pending:
+        progress.update(pending)
+
+
+def _progress_bar(total: int, progress: bool | None) -> Any:
+    if progress is None:
+        progress = total > PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="validate", file=sys.stderr,
+                leave=False)
+
+
+def _model_dir(spec: str, revision: str | None, explicit: bool) -> Path | None:
+    """A local directory for a model spec. Explicit (--model): resolved or ModelError. Implicit (the policy's
+    model): only if already on disk, else None. Never downloads or converts: that would import torch."""
+    candidate = Path(spec).expanduser()
+    if candidate.is_dir():  # works even where guardtune.models cannot be imported
+        return candidate
+    try:
+        models = importlib.import_module("guardtune.models")
+    except ImportError as exc:
+        if not explicit:
+            return None
+        raise ModelError(f"Cannot resolve model {spec!r}: it is not a local directory, and resolving model names "
+                         f"needs guardtune.models ({exc}). Pass a directory with tokenizer.json and a chat template.")
+    if not explicit:
+        found = models.cached_model_dir(spec, revision=revision)
+        return Path(found) if found is not None else None
+    try:
+        return Path(models.resolve_model_dir(spec, revision, materialize=False))
+    except GuardtuneError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"Cannot resolve model {spec!r}: {exc}. Pass a local model directory instead.")
+
+
+def _token_counter(model: Any, policy: Policy, config: DatasetConfig, log: _IssueLog) -> TokenCounter | None:
+    if isinstance(model, TokenCounter):
+        return model
+    if model is not None:  # explicit: failures are errors
+        return TokenCounter.from_model_dir(_model_dir(str(model), None, explicit=True), name=str(model))
+    spec = model_config(policy)
+    reason = "is not available locally without loading it"
+    try:
+        directory = _model_dir(spec.name, spec.revision, explicit=False)
+        if directory is not None:
+            return TokenCounter.from_model_dir(directory, name=spec.name)
+    except Exception as exc:  # the implicit check must never break validation; the warning says why
+        reason = f"could not be loaded ({exc})"
+    log.add("token-check-skipped", f"Token lengths were not checked against dataset.max_tokens "
+            f"({config.max_tokens}): the policy's model {spec.name!r} {reason}. Pass --model with a local model "
+            f"directory (or a prepared model name) to check them.", severity="warning")
+    return None
+
+
+def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", model: Any = None, *,
+                     progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE
+                     ) -> ValidationReport:
+    """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
+
+    model: None (the policy's model.name, if available without loading it), a local model directory, a
+    model spec resolved by guardtune.models, or a TokenCounter. progress: None shows a bar on a TTY for
+    files over 50 MB. Raises DatasetError if the file cannot be read, ModelError/TemplateError if an
+    explicit model cannot be used; everything wrong *inside* the file is an issue in the report.
+    """
+    if not isinstance(policy, Policy):
+        policy = load_policy(policy)
+    config = dataset_config(policy)
+    source = Path(path)
+    if source.exists() and not source.is_file():
+        raise DatasetError(f"Dataset {source} is not a regular file. Pass the .jsonl file itself.")
+    try:
+        size = source.stat().st_size
+        handle = open(source, "rb")
+    except OSError as exc:
+        raise DatasetError(f"Cannot read dataset {source}: {exc.strerror or exc}. Check the path and permissions.")
+    log = _IssueLog(max_issues_per_code)
+    with handle:
+        counter = _token_counter(model, policy, config, log)
+        report = ValidationReport(path=str(source), sha256=None, format=None, n_records=0, n_lines=0,
+                                  issues=log.issues, counts_by_code=log.counts, n_bytes=size,
+                                  policy={"name": policy.name, "version": policy.version, "sha256": policy.sha256},
+                                  token_check={"model": counter.name if counter else None,
+                                               "max_tokens": config.max_tokens})
+        if size > config.max_file_bytes:
+            log.add("file-too-large", f"The file is {size} bytes; the policy allows {config.max_file_bytes} "
+                    f"(dataset.max_file_bytes). Split it or raise the limit in your policy. Nothing was read.")
+            report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
+            return report
+        checker = _RecordChecker(config, log, counter)
+        digest = hashlib.sha256()
+        bar = _progress_bar(size, progress)
+        try:
+            for line, offset, raw in _read_lines(handle, config.max_line_bytes, digest, bar):
+                report.n_lines = line
+                if raw is None:
+                    checker.saw_content = True
+                    log.add("line-too-large", f"The line is longer than {config.max_line_bytes} bytes "
+                            f"(dataset.max_line_bytes) and was not parsed. Shorten or split the example, or "
+                            f"raise the limit in your policy.", line=line)
+                    continue
+                checker.check_line(line, offset, raw)
+        finally:
+            if bar is not None:
+                bar.close()
+    checker.finish(report.n_lines)
+    report.sha256 = digest.hexdigest()
+    report.format = checker.format
+    report.n_records = checker.n_records
+    report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
+    return report
+
+
+def iter_records(path: str | Path, report: ValidationReport | None = None, *,
+                 max_line_bytes: int = DatasetConfig.max_line_bytes) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(line, messages) for each record; prompt/completion becomes [user, assistant]. For the training stage.
+
+    With a report: it must be valid, its dropped_lines are skipped and the file must still hash to its
+    sha256. Without one, structurally invalid lines raise DatasetError (run `validate_dataset` first).
+    """
+    if report is not None and not report.valid:
+        raise DatasetError(f"{path} failed validation ({report.n_errors} errors); fix them and validate again.")
+    dropped = set(report.dropped_lines) if report is not None else set()
+    log = _IssueLog(cap=1)
+    checker = _RecordChecker(DatasetConfig(duplicates="ignore"), log)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for line, offset, raw in _read_lines(handle, max_line_bytes, digest):
+            if line in dropped:
+                continue
+            if raw is None:
+                raise DatasetError(f"Line {line} of {path} is longer than {max_line_bytes} bytes. Run "
+                                   f"`guardtune validate` first.")
+            errors_before = log.n_errors
+            messages = checker.check_line(line, offset, raw)
+            if log.n_errors > errors_before:
+                raise DatasetError(f"Line {line} of {path} is invalid: {log.issues[-1]}. Run `guardtune validate` "
+                                   f"first.", log.issues[-1:])
+            if messages is not None:
+                yield line, messages
+    if report is not None and report.sha256 and digest.hexdigest() != report.sha256:
+        raise DatasetError(f"{path} changed since it was validated (sha256 {digest.hexdigest()[:12]} != "
+                           f"{report.sha256[:12]}). Validate it again.")
