@@ -37,6 +37,9 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
             stored = sum(1 for issue in report.issues if issue.code == code)
             if count > stored:
                 click.echo(f"note: {count - stored} further {code} issue(s) were counted but not listed.")
+        if report.dropped_lines:
+            shown = ", ".join(map(str, report.dropped_lines[:50])) + (", ..." if len(report.dropped_lines) > 50 else "")
+            click.echo(f"dropped lines ({len(report.dropped_lines)}, not trained on): {shown}")
         click.secho(report.summary(), fg="green" if report.valid else "red", bold=True)
     if not report.valid:
         raise SystemExit(1)

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Iterator
 from .config import DatasetConfig, dataset_config, model_config
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
+from .screen import screen_judge, screen_records
 from .tokencount import TokenCounter
 
 SCHEMAS = {"chat": "dataset_chat.schema.json", "prompt_completion": "dataset_prompt.schema.json"}
@@ -54,6 +55,7 @@ class ValidationReport:
     policy: dict[str, Any] = field(default_factory=dict)
     token_check: dict[str, Any] = field(default_factory=dict)  # model (None: not checked), max_tokens
     dropped_lines: list[int] = field(default_factory=list)  # filled by the risk screen
+    screen: dict[str, Any] = field(default_factory=dict)  # risk screen summary (guardtune.screen)
 
     @property
     def valid(self) -> bool:
@@ -73,7 +75,7 @@ class ValidationReport:
                 "n_records": self.n_records, "n_lines": self.n_lines, "n_errors": self.n_errors,
                 "n_warnings": self.n_warnings, "counts": dict(sorted(self.counts_by_code.items())),
                 "issues": [issue.to_dict() for issue in self.issues], "dropped_lines": list(self.dropped_lines),
-                "policy": self.policy, "token_check": self.token_check}
+                "policy": self.policy, "token_check": self.token_check, "screen": self.screen}
 
     def write(self, path: str | Path) -> Path:
         """Write validation.json atomically (a crash never leaves half a report for the next stage)."""
@@ -93,7 +95,7 @@ class ValidationReport:
                        issues=[Issue(**issue) for issue in data["issues"]], counts_by_code=dict(data["counts"]),
                        n_errors=data["n_errors"], n_warnings=data["n_warnings"], n_bytes=data["n_bytes"],
                        policy=data.get("policy", {}), token_check=data.get("token_check", {}),
-                       dropped_lines=list(data.get("dropped_lines", [])))
+                       dropped_lines=list(data.get("dropped_lines", [])), screen=data.get("screen", {}))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"Cannot read validation report {path}: {exc}. Re-run `guardtune validate`.")
 
@@ -524,18 +526,22 @@ def _token_counter(model: Any, policy: Policy, config: DatasetConfig, log: _Issu
 
 
 def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", model: Any = None, *,
-                     progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE
-                     ) -> ValidationReport:
+                     progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE,
+                     screen: bool = True) -> ValidationReport:
     """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
 
     model: None (the policy's model.name, if available without loading it), a local model directory, a
     model spec resolved by guardtune.models, or a TokenCounter. progress: None shows a bar on a TTY for
-    files over 50 MB. Raises DatasetError if the file cannot be read, ModelError/TemplateError if an
-    explicit model cannot be used; everything wrong *inside* the file is an issue in the report.
+    files over 50 MB. screen: run the risk screen (guardtune.screen) when the policy enables it and the file
+    is structurally valid. Raises DatasetError if the file cannot be read, ModelError/TemplateError if an
+    explicit model cannot be used, JudgeError if the screen's judge cannot be built; everything wrong *inside*
+    the file is an issue in the report.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     config = dataset_config(policy)
+    # Built before reading anything: a screen judge that cannot run fails the validation up front (fail closed).
+    judge = screen_judge(config) if screen and config.screen_enabled else None
     source = Path(path)
     if source.exists() and not source.is_file():
         raise DatasetError(f"Dataset {source} is not a regular file. Pass the .jsonl file itself.")
@@ -555,6 +561,7 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", 
         if size > config.max_file_bytes:
             log.add("file-too-large", f"The file is {size} bytes; the policy allows {config.max_file_bytes} "
                     f"(dataset.max_file_bytes). Split it or raise the limit in your policy. Nothing was read.")
+            report.screen = {"ran": False, "reason": "the file was not read"}
             report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
             return report
         checker = _RecordChecker(config, log, counter)
@@ -578,7 +585,31 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", 
     report.format = checker.format
     report.n_records = checker.n_records
     report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
+    _screen(report, source, config, judge, log, "disabled by the policy" if screen else "disabled by the caller")
     return report
+
+
+def _screen(report: ValidationReport, source: Path, config: DatasetConfig, judge: Any, log: _IssueLog,
+            off: str) -> None:
+    """Run the risk screen over a structurally valid file and merge its flags into the report."""
+    if judge is None:
+        report.screen = {"ran": False, "reason": off}
+        return
+    if not report.valid or report.format is None:
+        report.screen = {"ran": False, "reason": "the file has structural errors"}
+        return
+    # iter_records with the report re-checks the sha256, so the screened bytes are the validated bytes. The report
+    # stays valid (n_errors 0) until the screen is done: rejections are counted in `log` and copied over after.
+    result = screen_records(lambda: iter_records(source, report, max_line_bytes=config.max_line_bytes), config,
+                            judge, format=report.format, max_flags_per_code=log.cap,
+                            on_flag=lambda flag: log.add(*_issue_args(flag.issue())))
+    report.dropped_lines = result.dropped_lines
+    report.screen = result.summary()
+    report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
+
+
+def _issue_args(issue: Issue) -> tuple[str, str, int | None, str, str]:
+    return issue.code, issue.message, issue.line, issue.path, issue.severity
 
 
 def iter_records(path: str | Path, report: ValidationReport | None = None, *,
