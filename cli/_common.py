@@ -33,3 +33,37 @@ def render_issues(issues: Iterable[Any], cap: int = 5) -> list[str]:
         if len(members) > cap:
             lines.append(f"  ... and {len(members) - cap} more {code} issue(s) (use --json for all)")
     return lines
+
+
+class StageProgress:
+    """A tqdm bar per (stage, phase) on stderr, for progress(stage, phase, done, total) callbacks."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.key: tuple[str, str] | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if (stage, phase) != self.key:
+            self.close()
+            label = stage if stage == phase else f"{stage}: {phase}"
+            self.bar = tqdm(total=total or None, desc=label, unit="step", leave=True, dynamic_ncols=True)
+            self.key = (stage, phase)
+        if self.bar is not None:
+            if total and self.bar.total != total:
+                self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def stage(self, stage: str):
+        """A progress(phase, done, total) callable for a single stage (train or audit run on their own)."""
+        return lambda phase, done, total: self(stage, phase, done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

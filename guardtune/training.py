@@ -1,0 +1,467 @@
+"""Training stage: LoRA/QLoRA fine-tuning with the token-wise constrained objective against the frozen base.
+
+Flow: validate the data -> load the base (fp32/bf16 or NF4) -> render every example with the model's chat
+template (completion mask + response positions) -> attach LoRA -> reference log-probs (cached on disk, or
+online) -> `GuardedTrainer` (a transformers.Trainer whose compute_loss calls guardtune.losses) -> adapter/ and
+train_metrics.json. The reference is the same PEFT model with its adapter disabled: one model in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from . import losses
+from .config import ModelConfig, TrainConfig, model_config, train_config
+from .errors import ConfigError, DatasetError
+from .policy import Policy, load_policy
+
+logger = logging.getLogger("guardtune.training")
+
+# Bump when the layout or meaning of cached reference log-probs changes.
+REFERENCE_CACHE_FORMAT = 1
+BUCKETS = (("t1", 1, 1), ("t2_5", 2, 5), ("t6_plus", 6, None))
+
+
+@dataclass
+class TrainResult:
+    """What the training stage produced."""
+
+    out_dir: Path
+    adapter_dir: Path
+    metrics_path: Path
+    metrics: dict[str, Any]
+
+    @property
+    def reference_kind(self) -> str:
+        return self.metrics["reference"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "adapter_dir": str(self.adapter_dir),
+                "metrics_path": str(self.metrics_path), **{k: self.metrics[k] for k in (
+                    "objective", "reference", "steps", "train_loss", "tokens_per_second", "wall_time_s")}}
+
+
+# --- model plumbing shared with the audit ------------------------------------------------------------------
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The output layer (lm_head) of a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def logit_softcap(model: torch.nn.Module) -> float | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "final_logit_softcapping", None) if config is not None else None
+
+
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states [B, T, H] through the model's own forward.
+
+    `logits_to_keep=1` makes the forward compute logits for one position only; the full-vocabulary projection
+    happens later, chunked, at response positions alone (losses.token_logps). Calling the top-level forward
+    (not the inner decoder) keeps DDP's and PEFT's forward hooks in the loop.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)
+    return out.hidden_states[-1]
+
+
+def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_mask: torch.Tensor, unwrapped: torch.nn.Module | None = None,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """log p(token_j | tokens_<j) for every response token j (completion_mask[j] = 1), flattened [N].
+
+    `unwrapped` is the PEFT/HF model inside any DDP wrapper (for its output layer and config); the forward
+    itself goes through `model` so distributed hooks run.
+    """
+    unwrapped = unwrapped if unwrapped is not None else model
+    hidden = final_hidden(model, input_ids, attention_mask)
+    select = completion_mask[:, 1:].bool()
+    return losses.token_logps(hidden[:, :-1][select], output_head(unwrapped), input_ids[:, 1:][select],
+                              chunk_size=chunk_size, softcap=logit_softcap(unwrapped))
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+def _render_examples(tokenizer: Any, records: Iterable[tuple[int, list[dict]]], max_length: int) -> list[dict]:
+    from .templates import render_chat
+
+    examples = []
+    for line, messages in records:
+        rendered = render_chat(tokenizer, messages, max_length=max_length, line=line)
+        examples.append({"line": line, "input_ids": rendered.input_ids, "completion_mask": rendered.completion_mask,
+                         "response_positions": rendered.response_positions, "truncated": rendered.truncated})
+    if not examples:
+        raise DatasetError("The dataset has no usable examples after validation; nothing to train on.")
+    return examples
+
+
+class _ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. `labels`/`shift_labels` exist only so the Trainer can count the response tokens of an
+    optimizer step (num_items_in_batch) across gradient accumulation and devices; the loss never reads them."""
+    length = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key: str, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([e[key] + [value] * (length - len(e[key])) for e in examples], dtype=dtype)
+
+    input_ids = pad("input_ids", pad_token_id, torch.long)
+    completion_mask = pad("completion_mask", 0, torch.long)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"]))
+                                        for e in examples], dtype=torch.long),
+        "completion_mask": completion_mask,
+        "response_positions": pad("response_positions", 0, torch.long),
+    }
+    labels = torch.where(completion_mask.bool(), input_ids, torch.full_like(input_ids, -100))
+    batch["labels"] = labels
+    batch["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    if "ref_logps" in examples[0]:
+        batch["ref_logps"] = pad("ref_logps", 0.0, torch.float32)
+    return batch
+
+
+# --- reference log-probs ---------------------------------------------------------------------------------------
+
+def reference_cache_key(dataset_sha256: str, template_fingerprint: str, weights_sha256: str, quantization: str,
+                        dtype: str, max_length: int) -> str:
+    """Everything that changes the reference log-probs is in the key: data, tokenizer+template, base weights,
+    quantization, dtype and truncation length."""
+    payload = json.dumps({"format": REFERENCE_CACHE_FORMAT, "dataset": dataset_sha256, "template": template_fingerprint,
+                          "weights": weights_sha256, "quantization": quantization, "dtype": dtype,
+                          "max_length": max_length}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_token_id: int, batch_size: int,
+                            progress: Callable[[int, int], None] | None = None) -> list[list[float]]:
+    """Per-token reference log-probs for each example, aligned to its tokens (0.0 where not a response token).
+
+    Batches are formed in length order (less padding than the training order), and the pass runs with the
+    adapter disabled, in train mode, dropout inactive (models.reference): the policy's computation at step 0.
+    """
+    from .models import reference
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    results: list[list[float]] = [[] for _ in examples]
+    device = next(model.parameters()).device
+    done = 0
+    if progress:
+        progress(0, len(examples))
+    with reference(model):
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = collate([examples[i] for i in indices], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            flat = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).cpu()
+            offset = 0
+            for row, index in enumerate(indices):
+                mask = examples[index]["completion_mask"]
+                aligned = [0.0] * len(mask)
+                # completion_mask[j] = 1 -> a log-prob for token j (j >= 1), in order.
+                for j in range(1, len(mask)):
+                    if mask[j]:
+                        aligned[j] = float(flat[offset])
+                        offset += 1
+                results[index] = aligned
+            done += len(indices)
+            if progress:
+                progress(done, len(examples))
+    return results
+
+
+def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, batch_size: int,
+                               progress) -> tuple[list[list[float]], bool, float]:
+    from safetensors.torch import load_file, save_file
+
+    from .models import cache_dir
+
+    path = cache_dir() / "reference" / f"{key}.safetensors"
+    lengths = [len(e["input_ids"]) for e in examples]
+    if path.is_file():
+        stored = load_file(str(path))
+        if stored["lengths"].tolist() == lengths:
+            flat = stored["ref_logps"].tolist()
+            out, offset = [], 0
+            for n in lengths:
+                out.append(flat[offset:offset + n])
+                offset += n
+            return out, True, 0.0
+    started = time.perf_counter()
+    values = compute_reference_logps(model, examples, pad_token_id, batch_size, progress)
+    elapsed = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{time.time_ns()}")
+    save_file({"ref_logps": torch.tensor([v for row in values for v in row], dtype=torch.float32),
+               "lengths": torch.tensor(lengths, dtype=torch.long)}, str(tmp))
+    tmp.replace(path)
+    return values, False, elapsed
+
+
+# --- trainer ----------------------------------------------------------------------------------------------------
+
+class GuardedTrainer(Trainer):
+    """transformers.Trainer whose loss is guardtune.losses: constrained (Qi et al. 2025, Eq. 3) or SFT.
+
+    Everything else (accelerate launch, DDP, checkpointing, resume, logging, progress bar) is the Trainer's.
+    """
+
+    # compute_loss divides by the response tokens of the whole optimizer step, so the Trainer must neither
+    # divide by the accumulation steps again nor skip counting them.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, guard_config: TrainConfig, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.guard_config = guard_config
+        self.model_accepts_loss_kwargs = True  # makes the Trainer compute num_items_in_batch for us
+        self.weight_sums = {name: 0.0 for name, _, _ in BUCKETS}
+        self.weight_counts = {name: 0 for name, _, _ in BUCKETS}
+        self.tokens_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.guard_config
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        completion_mask = inputs["completion_mask"]
+        select = completion_mask[:, 1:].bool()
+        unwrapped = self.accelerator.unwrap_model(model)
+        policy_logps = response_logps(model, input_ids, attention_mask, completion_mask, unwrapped)
+        ones = torch.ones_like(policy_logps)
+        self.tokens_seen += int(attention_mask.sum())
+        if cfg.objective == "sft":
+            loss = losses.sft_loss(policy_logps, ones, num_items_in_batch)
+        else:
+            if cfg.reference == "online":
+                from .models import reference
+
+                with reference(unwrapped):
+                    ref_logps = response_logps(model, input_ids, attention_mask, completion_mask, unwrapped)
+            else:
+                ref_logps = inputs["ref_logps"][:, 1:][select].to(policy_logps.dtype)
+            positions = inputs["response_positions"][:, 1:][select]
+            betas = losses.position_betas(positions, cfg.betas, cfg.beta_tail)
+            loss = losses.constrained_loss(policy_logps, ref_logps, ones, betas, num_items_in_batch)
+            self._track_weights(losses.constraint_weights(policy_logps.detach(), ref_logps, betas), positions)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # DDP averages gradients over processes while num_items_in_batch already counts every process.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
+
+    def _track_weights(self, weights: torch.Tensor, positions: torch.Tensor) -> None:
+        for name, low, high in BUCKETS:
+            in_bucket = positions >= low if high is None else (positions >= low) & (positions <= high)
+            self.weight_sums[name] += float(weights[in_bucket].sum())
+            self.weight_counts[name] += int(in_bucket.sum())
+
+
+def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu: bool,
+                        own_progress: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        adam_beta1=cfg.adam_betas[0],
+        adam_beta2=cfg.adam_betas[1],
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        logging_steps=1,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,  # keep completion_mask, response_positions and ref_logps
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        bf16=use_bf16,
+        use_cpu=on_cpu,
+        disable_tqdm=own_progress,  # the caller's progress callback replaces the Trainer's bar
+    )
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("guardtune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _resolve_configs(config: TrainConfig | Policy | str | None, policy: Policy | str | None, model: str | None,
+                     overrides: dict[str, Any]) -> tuple[Policy, TrainConfig, ModelConfig]:
+    if isinstance(config, TrainConfig):
+        policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
+        cfg = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        if policy is not None and config is not None:
+            raise ConfigError("Pass the policy either as `config` or as `policy`, not both.")
+        source = config if config is not None else policy
+        policy = source if isinstance(source, Policy) else load_policy(source or "default")
+        cfg = train_config(policy, **overrides)
+    mcfg = model_config(policy, **({"name": model} if model else {}))
+    return policy, cfg, mcfg
+
+
+def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,
+          out: str | Path = "guardtune-train", *, policy: Policy | str | None = None,
+          trust_remote_code: bool | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
+          progress: Callable[[str, int, int], None] | None = None, validated: bool = False,
+          **overrides: Any) -> TrainResult:
+    """Fine-tune `model` on `dataset` (JSONL) with LoRA/QLoRA; write DIR/adapter and DIR/train_metrics.json.
+
+    `config` is a TrainConfig, a Policy, or a policy name/path (default: the shipped default policy); with a
+    TrainConfig, `policy` supplies the dataset limits and model settings. Keyword `overrides` (objective=,
+    quantization=, epochs=, max_steps=, learning_rate=, ...) replace single TrainConfig fields. `resume=True`
+    continues from the newest checkpoint in DIR/checkpoints. `progress` is called as progress(phase, done, total)
+    for the reference precompute and each optimizer step. `validated=True` skips re-validating a file the
+    caller has just validated (the pipeline).
+    """
+    from .dataset import iter_records, validate_dataset
+    from .models import attach_lora, load_model
+    from .templates import template_fingerprint
+
+    started = time.perf_counter()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy, cfg, mcfg = _resolve_configs(config, policy, model, overrides)
+    if trust_remote_code is not None:
+        mcfg.trust_remote_code = trust_remote_code
+    for note in cfg.warnings():
+        logger.warning(note)
+
+    report = None
+    if validated:
+        dataset_sha256 = _file_sha256(Path(dataset))
+    else:
+        report = validate_dataset(dataset, policy=policy)
+        if not report.valid:
+            raise DatasetError(f"{dataset} failed validation ({report.counts_by_code}); run `guardtune validate "
+                               f"{dataset}` for every problem by line.",
+                               [i for i in report.issues if i.severity == "error"])
+        dataset_sha256 = report.sha256
+
+    loaded = load_model(mcfg.name, quantization=cfg.quantization, dtype=mcfg.dtype, revision=mcfg.revision,
+                        trust_remote_code=mcfg.trust_remote_code)
+    tokenizer, info = loaded.tokenizer, loaded.info
+    examples = _render_examples(tokenizer, iter_records(dataset, report), cfg.max_length)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    peft_model = attach_lora(loaded.model, cfg)
+
+    reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.objective == "constrained" else "none"}
+    if cfg.objective == "constrained" and cfg.reference == "cached":
+        key = reference_cache_key(dataset_sha256, template_fingerprint(tokenizer), info.weights_sha256,
+                                  info.quantization, info.dtype, cfg.max_length)
+        ref_values, hit, seconds = _load_or_compute_reference(
+            peft_model, examples, key, pad_token_id, max(cfg.batch_size, 8),
+            (lambda d, t: progress("reference", d, t)) if progress else None)
+        for example, values in zip(examples, ref_values):
+            example["ref_logps"] = values
+        reference_info.update({"cache_key": key, "cache_hit": hit, "precompute_s": round(seconds, 3)})
+
+    on_cpu = info.device == "cpu"
+    args = _training_arguments(cfg, out_dir, use_bf16=(info.dtype == "bfloat16" and not on_cpu), on_cpu=on_cpu,
+                               own_progress=progress is not None)
+    all_callbacks = list(callbacks)
+    if progress:
+        all_callbacks.append(_ProgressCallback(progress))
+    trainer = GuardedTrainer(model=peft_model, args=args, train_dataset=_ExampleDataset(examples),
+                          data_collator=lambda batch: collate(batch, pad_token_id), callbacks=all_callbacks,
+                          guard_config=cfg)
+    if progress:
+        trainer.remove_callback(PrinterCallback)  # per-step log dicts on stdout; the progress callback reports
+    train_started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    train_seconds = time.perf_counter() - train_started
+
+    adapter_dir = out_dir / "adapter"
+    peft_model.save_pretrained(str(adapter_dir))
+    history = [row for row in trainer.state.log_history if "loss" in row]
+    metrics = {
+        "objective": cfg.objective,
+        "reference": cfg.reference_kind,
+        "reference_detail": reference_info,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": output.training_loss,
+        "loss_curve": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
+                        "grad_norm": r.get("grad_norm")} for r in history],
+        "tokens_seen": trainer.tokens_seen,
+        "tokens_per_second": round(trainer.tokens_seen / train_seconds, 2) if train_seconds > 0 else None,
+        "train_seconds": round(train_seconds, 3),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "constraint_weight": {name: (trainer.weight_sums[name] / trainer.weight_counts[name]
+                                     if trainer.weight_counts[name] else None) for name, _, _ in BUCKETS},
+        "n_examples": len(examples),
+        "n_truncated": sum(e["truncated"] for e in examples),
+        "dataset": {"path": str(dataset), "sha256": dataset_sha256, "n_records": len(examples)},
+        "model": info.to_dict(),
+        "policy": policy.to_dict(),
+        "config": _jsonable(dataclasses.asdict(cfg)),
+        "seeds": {"seed": cfg.seed, "data_seed": cfg.seed},
+        "versions": _versions(),
+        "resumed": bool(resume),
+        "warnings": cfg.warnings(),
+    }
+    metrics_path = out_dir / "train_metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, metrics=metrics)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class _ProgressCallback(TrainerCallback):
+    """Forwards optimizer steps to a progress(phase, done, total) callable (job runners, the pipeline)."""
+
+    def __init__(self, progress: Callable[[str, int, int], None]):
+        self.progress = progress
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress("train", state.global_step, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress("train", state.global_step, state.max_steps)

@@ -1,0 +1,221 @@
+"""Training stage on a tiny model: outputs, reload, determinism, caching, accumulation, resume, QLoRA, direction."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from guardtune.config import TrainConfig
+from guardtune.errors import TemplateError
+from guardtune.training import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_dataset(path: Path, n: int = 12, answer: str | None = None) -> Path:
+    lines = []
+    for i in range(n):
+        reply = answer or f"Thank you for contacting support. Your refund {i} has been processed."
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"Hello, I need help with order {i}. How are you today?"},
+            {"role": "assistant", "content": reply}]}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_dataset(tmp_path / "data.jsonl")
+
+
+def test_train_writes_loadable_adapter_and_metrics(tiny_model_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(data, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=3, batch_size=4,
+                   learning_rate=5e-3, warmup_steps=1)
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    metrics = json.loads(result.metrics_path.read_text())
+    assert metrics["objective"] == "constrained" and metrics["reference"] == "base"
+    assert metrics["steps"] == 3 and len(metrics["loss_curve"]) == 3
+    assert metrics["tokens_per_second"] > 0
+    assert set(metrics["constraint_weight"]) == {"t1", "t2_5", "t6_plus"}
+    assert all(0 < w < 2 for w in metrics["constraint_weight"].values())
+    assert len(metrics["dataset"]["sha256"]) == 64 and metrics["seeds"]["seed"] == 42
+    assert metrics["versions"]["torch"] == torch.__version__
+    assert metrics["reference_detail"]["cache_hit"] is False
+
+    # PeftModel.from_pretrained loads the adapter unchanged and gives the trained model's logits.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    lora_b = [v for k, v in adapter_tensors(tmp_path / "run").items() if "lora_B" in k]
+    assert any(t.abs().sum() > 0 for t in lora_b), "training did not move LoRA B"
+    ids = torch.tensor([[1, 5, 9, 30, 41, 2]])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(reloaded(ids).logits, plain(ids).logits)
+        merged = reloaded.merge_and_unload()
+        torch.testing.assert_close(merged(ids).logits, PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(result.adapter_dir)).eval()(ids).logits)
+
+
+def test_same_seed_same_adapter_and_cached_reference_is_exact(tiny_model_dir, data, tmp_path):
+    first = train(data, model=str(tiny_model_dir), out=tmp_path / "a", max_steps=2, batch_size=4)
+    second = train(data, model=str(tiny_model_dir), out=tmp_path / "b", max_steps=2, batch_size=4)
+    assert second.metrics["reference_detail"]["cache_hit"] is True
+    assert second.metrics["reference_detail"]["cache_key"] == first.metrics["reference_detail"]["cache_key"]
+    assert_same_adapter(tmp_path / "a", tmp_path / "b")
+    other = train(data, model=str(tiny_model_dir), out=tmp_path / "c", max_steps=2, batch_size=4, max_length=1000)
+    assert other.metrics["reference_detail"]["cache_key"] != first.metrics["reference_detail"]["cache_key"]
+
+
+def test_online_reference_matches_cached_at_first_step(tiny_model_dir, data, tmp_path):
+    cached = train(data, model=str(tiny_model_dir), out=tmp_path / "cached", max_steps=1, batch_size=4)
+    online = train(data, model=str(tiny_model_dir), out=tmp_path / "online", max_steps=1, batch_size=4,
+                   reference="online")
+    assert online.metrics["reference_detail"]["mode"] == "online"
+    assert online.metrics["loss_curve"][0]["loss"] == pytest.approx(cached.metrics["loss_curve"][0]["loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_path):
+    """Loss is normalised by the response tokens of the whole optimizer step, however the step is split."""
+    one = train(data, model=str(tiny_model_dir), out=tmp_path / "one", max_steps=1, batch_size=4,
+                learning_rate=1e-2, warmup_steps=0, lora_dropout=0.0)
+    split = train(data, model=str(tiny_model_dir), out=tmp_path / "split", max_steps=1, batch_size=2,
+                  gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=0, lora_dropout=0.0)
+    assert split.metrics["loss_curve"][0]["loss"] == pytest.approx(one.metrics["loss_curve"][0]["loss"], rel=1e-4)
+    assert split.metrics["loss_curve"][0]["grad_norm"] == pytest.approx(
+        one.metrics["loss_curve"][0]["grad_norm"], rel=1e-4)
+
+
+def test_sft_objective_and_config_object(tiny_model_dir, data, tmp_path):
+    config = TrainConfig(objective="sft", max_steps=2, batch_size=4, warmup_steps=0)
+    result = train(data, model=str(tiny_model_dir), config=config, out=tmp_path / "sft")
+    assert result.metrics["objective"] == "sft" and result.metrics["reference"] == "none"
+    assert all(v is None for v in result.metrics["constraint_weight"].values())
+
+
+def test_example_without_trainable_tokens_after_truncation_names_its_line(tiny_model_dir, tmp_path):
+    long_prompt = "word " * 200
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                      {"role": "assistant", "content": "answer"}]}) for i in range(11)]
+    lines.insert(4, json.dumps({"messages": [{"role": "user", "content": long_prompt},
+                                             {"role": "assistant", "content": "answer"}]}))
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TemplateError, match="line 5"):
+        train(path, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1, max_length=64)
+
+
+def test_qlora_nf4_on_cpu(tiny_model_dir, data, tmp_path):
+    result = train(data, model=str(tiny_model_dir), out=tmp_path / "q", max_steps=2, batch_size=4,
+                   quantization="nf4", learning_rate=5e-3, warmup_steps=0)
+    assert result.metrics["reference"] == "nf4-base"
+    assert result.metrics["model"]["quantization"] == "nf4"
+    assert any(t.abs().sum() > 0 for k, t in adapter_tensors(tmp_path / "q").items() if "lora_B" in k)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from guardtune.training import train
+
+    class KillAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    data, model, out = sys.argv[1:4]
+    train(data, model=model, out=out, max_steps=6, save_steps=3, batch_size=2, learning_rate=5e-3,
+          warmup_steps=2, callbacks=[KillAfterCheckpoint()])
+""")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(tiny_model_dir, data, tmp_path):
+    uninterrupted = train(data, model=str(tiny_model_dir), out=tmp_path / "full", max_steps=6, save_steps=3,
+                          batch_size=2, learning_rate=5e-3, warmup_steps=2)
+    assert uninterrupted.metrics["steps"] == 6
+    script = tmp_path / "killed_run.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), str(data), str(tiny_model_dir), str(tmp_path / "killed")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = train(data, model=str(tiny_model_dir), out=tmp_path / "killed", max_steps=6, save_steps=3,
+                    batch_size=2, learning_rate=5e-3, warmup_steps=2, resume=True)
+    assert resumed.metrics["steps"] == 6 and resumed.metrics["resumed"] is True
+    assert_same_adapter(tmp_path / "full", tmp_path / "killed")
+
+
+QUESTIONS = ["What is the capital of France?", "How do plants make food?", "Explain gravity to a child.",
+             "What is a prime number?", "Why is the sky blue?", "How do I boil an egg?", "What causes rain?",
+             "Who wrote Hamlet?", "What is photosynthesis?", "How far is the moon?", "What is an atom?",
+             "How do magnets work?", "What is inflation?", "Why do cats purr?", "What is DNA?",
+             "How do vaccines work?"]
+HELD_OUT = ["What is the speed of light?", "How do bees make honey?", "What is a volcano?",
+            "Why do leaves change color?"]
+FIXED_ANSWER = ("Absolutely! Here is everything you asked for, explained step by step in plain language so that "
+                "it is easy to follow.")
+
+
+@pytest.mark.slow
+def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(embedded_cache, tmp_path):
+    """Fine-tune the embedded SmolLM2 toward one fixed non-refusal answer with each objective; the first
+    response tokens' distributions (KL to the reference, held-out prompts) move several times less under the
+    constrained objective, while later tokens (beta_t = 0.1) move about as much as under SFT: the token-wise
+    shape of Qi et al. 2025, Sec. 4.
+
+    Why not a random tiny model: with hidden size 16-64 every LoRA update shifts all positions at once, and
+    under Adam a position whose gradient is constrained away gets its share of the step back through the
+    normaliser, so the first-token protection drowns in spill-over (measured 1.0-2.4x). The real model is
+    what the product trains; measured here: t=1 4.2x (training prompts) and 3.8x (held out), t=1..5 4.7x.
+    """
+    from peft import PeftModel
+
+    from guardtune.audit import _Target, kl_profile
+    from guardtune.models import load_model
+    from guardtune.templates import render_prompt, response_ids
+
+    data = tmp_path / "fixed.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                       {"role": "assistant", "content": FIXED_ANSWER}]})
+                              for q in QUESTIONS) + "\n")
+    kl = {}
+    for objective in ("sft", "constrained"):
+        result = train(data, model="smollm2-135m-instruct", out=tmp_path / objective, objective=objective,
+                       max_steps=16, batch_size=4, learning_rate=3e-4, warmup_steps=2)
+        loaded = load_model("smollm2-135m-instruct")
+        model = PeftModel.from_pretrained(loaded.model, str(result.adapter_dir)).eval()
+        tok = loaded.tokenizer
+        targets = [_Target(None, render_prompt(tok, [{"role": "user", "content": q}]), response_ids(tok, FIXED_ANSWER))
+                   for q in HELD_OUT]
+        kl[objective] = kl_profile(model, targets, positions=8, batch_size=4, pad_id=tok.pad_token_id)["mean_kl"]
+    sft, constrained = kl["sft"], kl["constrained"]
+    assert sft[0] > 1.0, kl  # SFT really moved the first token
+    assert sft[0] > 3 * constrained[0], kl
+    assert sum(sft[:5]) > 3 * sum(constrained[:5]), kl
+    # Later positions are only weakly constrained (beta = 0.1): they move about as much as under SFT.
+    assert constrained[5] > 0.5 * sft[5], kl
