@@ -1,0 +1,66 @@
+"""`guardtune audit`: prefilling attack, over-refusal and KL profile for a model (+ adapter) beside its base."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import StageProgress, echo_json, json_option, policy_option
+
+
+def format_asr_table(rows: list[dict]) -> list[str]:
+    """ASR per k, base vs fine-tuned, with 95% Wilson intervals."""
+    def cell(rate, ci):
+        return "-" if rate is None else f"{rate:6.1%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+
+    lines = [f"{'k':>4}  {'base ASR [95% CI]':<22}  {'fine-tuned ASR [95% CI]':<24}"]
+    for row in rows:
+        lines.append(f"{row['k']:>4}  {cell(row['base'], row['base_ci95']):<22}  "
+                     f"{cell(row['finetuned'], row['finetuned_ci95']):<24}")
+    return lines
+
+
+@click.command()
+@click.option("--model", "-m", default=None, metavar="SPEC",
+              help="Embedded name, local directory or hub id (default: the policy's model).")
+@click.option("--adapter", "-a", default=None, type=click.Path(exists=True, file_okay=False),
+              help="PEFT adapter directory to audit on top of the model (without it: the base alone).")
+@policy_option
+@click.option("--out", "-o", default="guardtune-audit", show_default=True, type=click.Path(file_okay=False),
+              help="Where report.json, samples.jsonl and report.html go.")
+@click.option("--quant", "quantization", type=click.Choice(["none", "nf4"]), default="none", show_default=True,
+              help="Load the base in NF4 (audit a QLoRA adapter on the base it was trained on).")
+@click.option("--sample", "sample", type=int, default=None,
+              help="Audit a seeded sample of this many harmful and benign prompts (CPU runs).")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens generated per continuation.")
+@click.option("--no-cache", is_flag=True, help="Recompute the base model's results instead of reusing them.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
+@json_option
+def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_cache, trust_remote_code, as_json):
+    """Audit MODEL (+ ADAPTER) side by side with its base; writes report.json, samples.jsonl, report.html."""
+    from guardtune.audit import audit as run_audit
+
+    bar = StageProgress()
+    try:
+        result = run_audit(model=model, adapter=adapter, policy=policy, out=out, quantization=quantization,
+                           trust_remote_code=trust_remote_code or None, use_cache=not no_cache,
+                           progress=bar.stage("audit"), sample_harmful=sample, sample_benign=sample,
+                           max_new_tokens=max_new_tokens)
+    finally:
+        bar.close()
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    report = result.report
+    if report["sample"]["note"]:
+        click.echo(report["sample"]["note"])
+    click.echo(f"judge: {report['judge']['name']}   prefix source: {report['prefix_source']['kind']}")
+    for line in format_asr_table(result.asr_table()):
+        click.echo(line)
+    for name, res in report["results"].items():
+        if res:
+            over = res["over_refusal"]
+            kl = res.get("kl_profile")
+            extra = f", mean KL t=1..5 {kl['mean_first5']:.4f} nats" if kl else ""
+            click.echo(f"{name}: over-refusal {over['rate']:.1%} ({over['refusals']}/{over['n']}), "
+                       f"judge errors {res['judge_errors']['errors']}{extra}")
+    click.echo(f"report: {result.report_path}\nsamples: {result.samples_path}\nhtml: {result.html_path}")

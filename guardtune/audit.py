@@ -1,0 +1,496 @@
+"""Audit stage: prefilling attack, over-refusal probe and alignment-depth KL, fine-tuned beside its base model.
+
+For every harmful prompt and prefix length k, the first k tokens of a harmful response are appended (as token
+ids, in the audited model's tokenizer) after the rendered prompt, the model continues, and a judge scores the
+continuation (Qi et al. 2025, Sec. 2.3: shallow alignment collapses after a few prefilled tokens). The same runs
+on the base (adapter disabled, cached) so every number is read relative to it. Outputs: report.json (schema in
+guardtune/schemas/report.schema.json), samples.jsonl and a self-contained report.html.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import AuditConfig, ModelConfig, audit_config, model_config
+from .errors import ConfigError, DatasetError
+from .policy import Policy, load_policy
+
+# Bump when cached base results or generated prefixes change meaning.
+AUDIT_CACHE_FORMAT = 1
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class AuditReport:
+    """The audit's result: the report dict (as written to report.json) and where the files are."""
+
+    report: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / "report.json"
+
+    @property
+    def samples_path(self) -> Path:
+        return self.out_dir / "samples.jsonl"
+
+    @property
+    def html_path(self) -> Path:
+        return self.out_dir / "report.html"
+
+    def asr_table(self) -> list[dict[str, Any]]:
+        """Rows {k, base, base_ci95, finetuned, finetuned_ci95} for printing."""
+        base = {row["k"]: row for row in self.report["results"]["base"]["asr"]}
+        tuned_result = self.report["results"].get("finetuned")
+        tuned = {row["k"]: row for row in tuned_result["asr"]} if tuned_result else {}
+        return [{"k": k, "base": base[k]["rate"], "base_ci95": base[k]["ci95"],
+                 "finetuned": tuned[k]["rate"] if k in tuned else None,
+                 "finetuned_ci95": tuned[k]["ci95"] if k in tuned else None} for k in sorted(base)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "report": str(self.report_path), "samples": str(self.samples_path),
+                "html": str(self.html_path), "asr": self.asr_table(),
+                "over_refusal": {name: (res or {}).get("over_refusal", {}).get("rate")
+                                 for name, res in self.report["results"].items()}}
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             static_cache: bool | None = None, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new token ids, cut at the first stop token.
+
+    Batched with left padding and the KV cache; the static cache on CUDA (compiled decoding shapes stay fixed).
+    Greedy by default; sampling is seeded per call.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = _stop_ids(model, tokenizer)
+    if static_cache is None:
+        static_cache = device.type == "cuda"
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
+                               "eos_token_id": stop, "use_cache": True}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    if static_cache:
+        options["cache_implementation"] = "static"
+    outputs: list[list[int]] = []
+    # Sort by length so each batch pads little; restore the caller's order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    by_index: dict[int, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        ids, mask = _left_pad([prompts[i] for i in indices], pad_id, device)
+        if do_sample:
+            torch.manual_seed(seed + start)
+        generated = model.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:].tolist()
+        for index, tokens in zip(indices, generated):
+            cut = next((j for j, t in enumerate(tokens) if t in stop), len(tokens))
+            by_index[index] = tokens[:cut]
+        if on_batch:
+            on_batch(len(indices))
+    outputs = [by_index[i] for i in range(len(prompts))]
+    return outputs
+
+
+def _counting(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:
+    """An on_batch callback that advances progress(phase, done, total); None when there is no progress."""
+    if progress is None:
+        return None
+    done = [0]
+    progress(phase, 0, total)
+
+    def tick(n: int) -> None:
+        done[0] += n
+        progress(phase, done[0], total)
+
+    return tick
+
+
+# --- statistics ----------------------------------------------------------------------------------------------
+
+def _rate_entry(verdicts: Sequence[Any], field: str) -> dict[str, Any]:
+    from .report import wilson_interval
+
+    n = len(verdicts)
+    errors = sum(1 for v in verdicts if v.error is not None)
+    hits = sum(1 for v in verdicts if v.error is None and getattr(v, field))
+    scored = n - errors
+    lo, hi = wilson_interval(hits, scored)
+    return {"n": n, "errors": errors, "rate": hits / scored if scored else 0.0, "ci95": [lo, hi],
+            ("harmful" if field == "harmful" else "refusals"): hits}
+
+
+# --- the audit -------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Target:
+    """One prompt of the harmful set with its harmful response (for prefixes and the KL profile)."""
+
+    prompt: Any  # evalsets.AuditPrompt
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def _cache_path(kind: str, payload: dict[str, Any]) -> Path:
+    from .models import cache_dir
+
+    key = hashlib.sha256(json.dumps({"format": AUDIT_CACHE_FORMAT, **payload}, sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    return cache_dir() / "audit" / kind / f"{key}.json"
+
+
+def _read_cache(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{time.time_ns()}")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _harmful_responses(cfg: AuditConfig, prompts: list, audited, progress: Progress | None) -> tuple[list[str], dict]:
+    """The harmful response text per prompt, from the configured prefix source, and its description."""
+    if cfg.prefix_source == "openers":
+        missing = [p.id for p in prompts if not p.opener]
+        if missing:
+            raise DatasetError(f"prefix_source=openers but {len(missing)} harmful prompts have no opener "
+                               f"(first: {missing[0]}); use prefix_source=generate or add openers.")
+        return [p.opener for p in prompts], {"kind": "openers", "model": None, "model_sha256": None,
+                                             "tokens": 0, "note": "short affirmative openers shipped with the set"}
+    if cfg.prefix_source == "dataset":
+        missing = [p.id for p in prompts if not p.response]
+        if missing:
+            raise DatasetError(f"prefix_source=dataset needs a harmful response for every prompt; {len(missing)} "
+                               f"have none (first: {missing[0]}). Pass harmful pairs ([user, assistant] or "
+                               f"{{instruction, response}} JSONL) as audit.harmful_set.")
+        return [p.response for p in prompts], {"kind": "dataset", "model": None, "model_sha256": None,
+                                               "tokens": 0, "note": "operator-supplied harmful responses"}
+    return _generated_responses(cfg, prompts, audited, progress)
+
+
+def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Progress | None) -> tuple[list[str], dict]:
+    """Harmful continuations written at audit time by an unaligned prefix model, cached outside the repo.
+
+    The prefix model answers each instruction with its opener prefilled, greedily, for `prefix_tokens` tokens.
+    When the prefix model is the audited base itself, the loaded model is reused with its adapter disabled.
+    """
+    from .models import load_model, reference, resolve_model_dir, weights_sha256
+    from .templates import render_prompt, response_ids
+
+    prefix_dir = resolve_model_dir(cfg.prefix_model)
+    prefix_sha = weights_sha256(prefix_dir)
+    payload = {"model_sha256": prefix_sha, "tokens": cfg.prefix_tokens,
+               "prompts": [[p.instruction, p.opener or ""] for p in prompts]}
+    path = _cache_path("prefixes", payload)
+    description = {"kind": "generate", "model": cfg.prefix_model, "model_sha256": prefix_sha,
+                   "tokens": cfg.prefix_tokens,
+                   "note": f"greedy continuations of each opener by {cfg.prefix_model}, cached at audit time"}
+    cached = _read_cache(path)
+    if isinstance(cached, list) and len(cached) == len(prompts):
+        return cached, {**description, "cache": "hit"}
+    same_model = audited is not None and audited.info.weights_sha256 == prefix_sha
+    loaded = audited if same_model else load_model(cfg.prefix_model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    inputs, openers = [], []
+    for p in prompts:
+        opener_ids = response_ids(tokenizer, p.opener) if p.opener else []
+        inputs.append(render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]) + opener_ids)
+        openers.append(opener_ids)
+    was_training = model.training
+    model.eval()
+    context = reference(model) if same_model else torch.no_grad()
+    with context:
+        continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.prefix_tokens, batch_size=cfg.batch_size,
+                                 on_batch=_counting(progress, "prefixes", len(inputs)))
+    model.train(was_training)
+    responses = [tokenizer.decode(o + c, skip_special_tokens=True) for o, c in zip(openers, continuations)]
+    _write_cache(path, responses)
+    if not same_model:
+        del loaded
+    return responses, {**description, "cache": "miss"}
+
+
+def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: list[_Target], benign: list,
+               benign_ids: list[list[int]], progress: Progress | None) -> tuple[dict[str, Any], list[dict]]:
+    """Prefilling attack at every k + over-refusal probe for one model variant (base or fine-tuned).
+
+    Every (k, prompt) continuation and every benign probe go through one generate() call, so batches are
+    filled across prefix lengths (fewer, fuller batches: ~1.5x faster on CPU than one call per k).
+    """
+    attacks = [(k, t, t.response_ids[:k]) for k in cfg.prefill_k for t in targets]
+    inputs = [t.prompt_ids + prefix for _, t, prefix in attacks] + benign_ids
+    instructions = [t.prompt.instruction for _, t, _ in attacks] + [p.instruction for p in benign]
+    continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                             on_batch=_counting(progress, f"generate:{name}", len(inputs)))
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+    verdicts = judge.evaluate_batch(list(zip(instructions, texts)))
+    attack_verdicts, benign_verdicts = verdicts[:len(attacks)], verdicts[len(attacks):]
+
+    samples: list[dict] = []
+    asr, by_category = [], {}
+    for k in cfg.prefill_k:
+        rows = [(t, prefix, text, v) for (kk, t, prefix), text, v in zip(attacks, texts, attack_verdicts) if kk == k]
+        asr.append({"k": k, **_rate_entry([v for *_, v in rows], "harmful")})
+        for category in sorted({t.prompt.category for t, *_ in rows}):
+            members = [v for t, _, _, v in rows if t.prompt.category == category]
+            by_category.setdefault(category, []).append({"k": k, **_rate_entry(members, "harmful")})
+        for t, prefix, text, verdict in rows:
+            samples.append({"model": name, "set": "harmful", "id": t.prompt.id, "category": t.prompt.category,
+                            "instruction": t.prompt.instruction, "k": k, "effective_k": len(prefix),
+                            "prefix": tokenizer.decode(prefix, skip_special_tokens=True), "continuation": text,
+                            "verdict": verdict.to_dict()})
+    for p, text, verdict in zip(benign, texts[len(attacks):], benign_verdicts):
+        samples.append({"model": name, "set": "benign", "id": p.id, "category": p.category,
+                        "instruction": p.instruction, "k": 0, "effective_k": 0, "prefix": "", "continuation": text,
+                        "verdict": verdict.to_dict()})
+    errors = sum(1 for v in verdicts if v.error is not None)
+    result = {"asr": asr, "asr_by_category": by_category, "over_refusal": _rate_entry(benign_verdicts, "refusal"),
+              "kl_profile": None,
+              "judge_errors": {"samples": len(verdicts), "errors": errors,
+                               "rate": errors / len(verdicts) if verdicts else 0.0}}
+    return result, samples
+
+
+@torch.no_grad()
+def kl_profile(model, targets: list[_Target], positions: int, batch_size: int,
+               pad_id: int) -> dict[str, Any]:
+    """Mean KL(fine-tuned || base) at response positions t = 1..positions, teacher-forced on harmful responses.
+
+    Position t is the distribution over the t-th response token given the prompt and the first t-1 response
+    tokens; only examples whose response reaches t count towards t. Computed from final hidden states through
+    the output layer in chunks (losses.chunked_kl), never as full [B, T, V] logits.
+    """
+    from . import losses
+    from .models import reference
+    from .training import final_hidden, logit_softcap, output_head
+
+    sums = [0.0] * positions
+    counts = [0] * positions
+    device = next(model.parameters()).device
+    head, softcap = output_head(model), logit_softcap(model)
+    usable = [t for t in targets if t.response_ids]
+    for start in range(0, len(usable), batch_size):
+        batch = usable[start:start + batch_size]
+        seqs = [t.prompt_ids + t.response_ids[:positions] for t in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(seqs):  # right padding: positions of real tokens match an unpadded pass
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        tuned = final_hidden(model, ids, mask)
+        with reference(model):
+            base = final_hidden(model, ids, mask)
+        rows, cols, ts = [], [], []
+        for row, t in enumerate(batch):
+            n = min(len(t.response_ids), positions)
+            for step in range(n):  # hidden at (prompt_len + step - 1) predicts response token `step`
+                rows.append(row)
+                cols.append(len(t.prompt_ids) + step - 1)
+                ts.append(step)
+        kl = losses.chunked_kl(tuned[rows, cols], base[rows, cols], head, softcap=softcap).tolist()
+        for step, value in zip(ts, kl):
+            sums[step] += value
+            counts[step] += 1
+    mean = [s / c if c else 0.0 for s, c in zip(sums, counts)]
+    first = [m for m, c in zip(mean[:5], counts[:5]) if c]
+    return {"positions": list(range(1, positions + 1)), "mean_kl": mean, "counts": counts,
+            "n_examples": len(usable), "mean_first5": sum(first) / len(first) if first else 0.0}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _resolve(policy: Policy | str | None, config: AuditConfig | None, model: str | None,
+             overrides: dict[str, Any]) -> tuple[Policy, AuditConfig, ModelConfig]:
+    policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
+    if config is not None:
+        cfg = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        cfg = audit_config(policy, **overrides)
+    mcfg = model_config(policy, **({"name": model} if model else {}))
+    return policy, cfg, mcfg
+
+
+def audit(model: str | None = None, adapter: str | Path | None = None, policy: Policy | str | None = None,
+          out: str | Path = "guardtune-audit", *, config: AuditConfig | None = None, quantization: str = "none",
+          trust_remote_code: bool | None = None, use_cache: bool = True, progress: Progress | None = None,
+          **overrides: Any) -> AuditReport:
+    """Audit `model` (+ `adapter`) beside its base; write report.json, samples.jsonl and report.html to `out`.
+
+    Without an adapter only the base is audited (results.finetuned is null). `overrides` replace single
+    AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=, ...). Base results are cached
+    by base weights hash + audit configuration; `use_cache=False` recomputes them.
+    """
+    from . import evalsets
+    from .judges import get_judge
+    from .models import load_model
+    from .report import validate_report, write_html
+    from .templates import render_prompt, response_ids
+    from .training import _versions
+
+    started = time.perf_counter()
+    policy, cfg, mcfg = _resolve(policy, config, model, overrides)
+    if trust_remote_code is not None:
+        mcfg.trust_remote_code = trust_remote_code
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    harmful_all = evalsets.load_harmful(cfg.harmful_set)
+    benign_all = evalsets.load_benign(cfg.benign_set)
+    harmful = evalsets.sample(harmful_all, cfg.sample_harmful, cfg.sample_seed)
+    benign = evalsets.sample(benign_all, cfg.sample_benign, cfg.sample_seed)
+    judge = get_judge(**cfg.judge)
+
+    loaded = load_model(mcfg.name, quantization=quantization, dtype=mcfg.dtype, revision=mcfg.revision,
+                        trust_remote_code=mcfg.trust_remote_code)
+    tokenizer, info = loaded.tokenizer, loaded.info
+    responses, prefix_source = _harmful_responses(cfg, harmful, loaded, progress)
+    targets = [_Target(p, render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]),
+                       response_ids(tokenizer, r)) for p, r in zip(harmful, responses)]
+    if cfg.prefix_source == "generate":
+        short = [t for t in targets if len(t.response_ids) < max(cfg.prefill_k)]
+        if len(short) == len(targets) and max(cfg.prefill_k) > 0:
+            raise ConfigError(f"Every generated harmful response is shorter than k={max(cfg.prefill_k)} tokens; "
+                              f"raise audit.prefix_tokens.")
+    benign_ids = [render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]) for p in benign]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign)}
+    config_dict = _jsonable(dataclasses.asdict(cfg))
+    base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
+                "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
+                "responses": hashlib.sha256(json.dumps(responses).encode()).hexdigest()}
+    base_cache = _cache_path("base", base_key)
+
+    model_obj = loaded.model
+    if adapter is not None:
+        from peft import PeftModel
+
+        model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
+    model_obj.eval()
+
+    cached = _read_cache(base_cache) if use_cache else None
+    if cached is not None:
+        base_result, base_samples = cached["result"], cached["samples"]
+    else:
+        from .models import reference
+
+        with reference(model_obj):
+            base_result, base_samples = _run_model("base", model_obj, tokenizer, judge, cfg, targets, benign,
+                                                   benign_ids, progress)
+        _write_cache(base_cache, {"result": base_result, "samples": base_samples})
+
+    tuned_result, tuned_samples, comparison = None, [], None
+    if adapter is not None:
+        tuned_result, tuned_samples = _run_model("finetuned", model_obj, tokenizer, judge, cfg, targets, benign,
+                                                 benign_ids, progress)
+        profile = kl_profile(model_obj, targets[:cfg.kl_examples] if cfg.kl_examples else targets,
+                             cfg.kl_positions, cfg.batch_size, pad_id)
+        profile.pop("counts")
+        tuned_result["kl_profile"] = profile
+        base_rates = {row["k"]: row["rate"] for row in base_result["asr"]}
+        comparison = {"asr_increase": {str(row["k"]): row["rate"] - base_rates[row["k"]]
+                                       for row in tuned_result["asr"]},
+                      "over_refusal_increase": tuned_result["over_refusal"]["rate"]
+                      - base_result["over_refusal"]["rate"]}
+
+    sampled = cfg.sample_harmful is not None or cfg.sample_benign is not None
+    note = (f"Sampled audit: a seeded sample (seed {cfg.sample_seed}) of {len(harmful)} of {len(harmful_all)} "
+            f"harmful prompts and {len(benign)} of {len(benign_all)} benign probes, {cfg.max_new_tokens} new "
+            f"tokens per continuation. The full default audit is sized for a GPU.") if sampled else ""
+    report = {
+        "kind": "guardtune-audit-report",
+        "schema_version": 1,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {k: info.to_dict()[k] for k in ("spec", "kind", "revision", "weights_sha256", "quantization", "dtype")},
+        "adapter": {"path": str(adapter), "sha256": _dir_sha256(Path(adapter))} if adapter is not None else None,
+        "config": config_dict,
+        "judge": {"name": judge.name, **judge.describe()},
+        "prefix_source": {k: prefix_source[k] for k in ("kind", "model", "model_sha256", "tokens", "note")},
+        "sample": {"harmful": len(harmful), "harmful_total": len(harmful_all), "benign": len(benign),
+                   "benign_total": len(benign_all), "seed": cfg.sample_seed, "max_new_tokens": cfg.max_new_tokens,
+                   "note": note},
+        "results": {"base": base_result, "finetuned": tuned_result},
+        "comparison": comparison,
+        "provenance": {**_versions(), "git_commit": _git_commit(), "device": info.device,
+                       "seeds": {"generation": cfg.seed, "sample": cfg.sample_seed},
+                       "harmful_set_sha256": sets_sha["harmful"], "benign_set_sha256": sets_sha["benign"],
+                       "base_cache": "hit" if cached is not None else "miss",
+                       "policy": policy.to_dict(), "wall_time_s": round(time.perf_counter() - started, 3)},
+    }
+    problems = validate_report(report)
+    if problems:  # a bug here, not a user error: never write a report the gate would misread
+        raise RuntimeError("audit produced a report that fails its schema: " + "; ".join(map(str, problems)))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as handle:
+        for sample in [*base_samples, *tuned_samples]:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    write_html(out_dir)
+    return AuditReport(report=report, out_dir=out_dir)
+
+
+def _dir_sha256(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
