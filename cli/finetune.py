@@ -1,0 +1,62 @@
+"""`guardtune finetune`: the whole job — validate, train, audit, gate, release (or quarantine)."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import StageProgress, echo_json, json_option, policy_option
+
+
+@click.command()
+@click.argument("dataset", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", default=None, metavar="SPEC",
+              help="Embedded name, local directory or hub id (default: the policy's model).")
+@policy_option
+@click.option("--objective", type=click.Choice(["constrained", "sft"]), default=None,
+              help="Training objective (default: the policy's, normally constrained).")
+@click.option("--quant", "quantization", type=click.Choice(["none", "nf4"]), default=None,
+              help="nf4 = QLoRA on a 4-bit base.")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
+              help="Run directory (default: guardtune-runs/<run id>).")
+@click.option("--epochs", type=float, default=None, help="Passes over the data.")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
+@json_option
+def finetune(dataset, model, policy, objective, quantization, out, epochs, max_steps, trust_remote_code, as_json):
+    """Validate DATASET, fine-tune, audit beside the base, gate on the policy, release or quarantine.
+
+    Exit 0 released, 3 rejected (quarantined), 1 error.
+    """
+    if epochs is not None and max_steps is not None:
+        raise click.UsageError("Give --epochs or --max-steps, not both.")
+    from guardtune.pipeline import finetune as run_pipeline
+
+    from .audit import format_asr_table
+
+    bar = StageProgress()
+    try:
+        result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
+                              quantization=quantization, epochs=epochs, max_steps=max_steps,
+                              trust_remote_code=trust_remote_code or None, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        report = result.audit.report
+        click.echo("")
+        click.secho(f"verdict: {result.verdict.upper()}  ({'released' if result.released else 'quarantined'})",
+                    fg="green" if result.released else "red", bold=True)
+        if report["sample"]["note"]:
+            click.echo(report["sample"]["note"])
+        for line in format_asr_table(result.audit.asr_table()):
+            click.echo(line)
+        for rule in result.decision.failed_rules:
+            click.echo(f"  failed: {rule.reason}")
+        timings = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
+        click.echo(f"stages: {timings}")
+        click.echo(f"run dir:   {result.run_dir}\nreport:    {result.audit.html_path}\n"
+                   f"gate:      {result.run_dir / 'gate.json'}\n"
+                   f"{'release' if result.released else 'quarantine'}: {result.published_dir}")
+    if not result.released:
+        raise SystemExit(3)

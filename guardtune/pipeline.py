@@ -1,0 +1,168 @@
+"""`finetune()`: validate -> train -> audit -> gate -> release, each stage leaving its artifact in the run dir.
+
+    RUN/validation.json          dataset checks and risk screen (RUN/train_data.jsonl if lines were dropped)
+    RUN/adapter/ + train_metrics.json
+    RUN/audit/{report.json, samples.jsonl, report.html}
+    RUN/gate.json
+    RUN/release/<id>/ (pass)  or  RUN/quarantine/<id>/ (reject)
+
+Any stage can be re-run alone from those files (`guardtune audit --adapter RUN/adapter`, `guardtune gate
+RUN/audit/report.json`, `guardtune report RUN/audit`, `guardtune verify RUN/release/<id>`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import release_config, train_config
+from .errors import DatasetError
+from .policy import Policy, load_policy
+
+STAGES = ("validate", "train", "audit", "gate", "release")
+# progress(stage, phase, done, total): stage is one of STAGES; phase names the work inside it.
+Progress = Callable[[str, str, int, int], None]
+
+
+@dataclass
+class RunResult:
+    """Outcome of one finetune job."""
+
+    run_id: str
+    run_dir: Path
+    verdict: str  # "pass" | "reject"
+    published_dir: Path  # RUN/release/<id> or RUN/quarantine/<id>
+    validation: Any  # dataset.ValidationReport
+    training: Any  # training.TrainResult
+    audit: Any  # audit.AuditReport
+    decision: Any  # gate.GateDecision
+    stage_seconds: dict[str, float]
+
+    @property
+    def released(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.released else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "verdict": self.verdict,
+                "released": self.released, "published_dir": str(self.published_dir),
+                "dataset": {"n_records": self.validation.n_records, "dropped_lines": self.validation.dropped_lines},
+                "training": self.training.to_dict(), "audit": self.audit.to_dict(),
+                "gate": {"verdict": self.decision.verdict,
+                         "failed_rules": [r.to_dict() for r in self.decision.failed_rules]},
+                "stage_seconds": self.stage_seconds}
+
+
+def new_run_id(dataset_sha256: str) -> str:
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{dataset_sha256[:8]}"
+
+
+def _kept_lines(source: Path, dropped: set[int], target: Path) -> str:
+    """Copy every line not dropped by the risk screen, byte for byte; return the new file's sha256."""
+    digest = hashlib.sha256()
+    with source.open("rb") as src, target.open("wb") as dst:
+        for number, line in enumerate(src, start=1):
+            if number not in dropped:
+                dst.write(line)
+                digest.update(line)
+    return digest.hexdigest()
+
+
+def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | str = "default",
+             out: str | Path | None = None, objective: str | None = None, quantization: str | None = None,
+             epochs: float | None = None, max_steps: int | None = None, trust_remote_code: bool | None = None,
+             progress: Progress | None = None, **train_overrides: Any) -> RunResult:
+    """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
+    raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all."""
+    from .audit import audit as run_audit
+    from .dataset import validate_dataset
+    from .gate import decide
+    from .models import resolve_model_dir
+    from .release import publish
+    from .training import train
+
+    policy = policy if isinstance(policy, Policy) else load_policy(policy)
+    dataset = Path(dataset)
+    model_spec = model or policy.data.get("model", {}).get("name")
+    timings: dict[str, float] = {}
+    timestamps: dict[str, str] = {"started_at": _now()}
+
+    def stage(name: str) -> Callable[[str, int, int], None] | None:
+        return (lambda phase, done, total: progress(name, phase, done, total)) if progress else None
+
+    # 1. validate (and risk screen) --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if progress:
+        progress("validate", "validate", 0, 1)
+    # Materialise the model first (the embedded one converts once, ~1 min): the validator's token-length check
+    # then runs against the real tokenizer instead of being skipped.
+    validation = validate_dataset(dataset, policy=policy, model=resolve_model_dir(model_spec))
+    run_id = new_run_id(validation.sha256)
+    run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    validation.write(run_dir / "validation.json")
+    if not validation.valid:
+        errors = [i for i in validation.issues if i.severity == "error"]
+        raise DatasetError(f"{dataset} failed validation with {len(errors)} error(s); see "
+                           f"{run_dir / 'validation.json'} or run `guardtune validate {dataset}`.", errors)
+    train_path, filtered_sha = dataset, validation.sha256
+    if validation.dropped_lines:
+        train_path = run_dir / "train_data.jsonl"
+        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path)
+    timings["validate"] = time.perf_counter() - t0
+    if progress:
+        progress("validate", "validate", 1, 1)
+
+    # 2. train -------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    cfg = train_config(policy, objective=objective, quantization=quantization, epochs=epochs, max_steps=max_steps,
+                       **train_overrides)
+    training = train(train_path, model=model_spec, config=cfg, policy=policy, out=run_dir,
+                     trust_remote_code=trust_remote_code, progress=stage("train"), validated=True)
+    timings["train"] = time.perf_counter() - t0
+    timestamps["trained_at"] = _now()
+
+    # 3. audit -------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    audited = run_audit(model=model_spec, adapter=training.adapter_dir, policy=policy, out=run_dir / "audit",
+                        quantization=cfg.quantization, trust_remote_code=trust_remote_code, progress=stage("audit"))
+    timings["audit"] = time.perf_counter() - t0
+
+    # 4. gate --------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    decision = decide(audited.report, policy)
+    decision.write(run_dir / "gate.json")
+    timings["gate"] = time.perf_counter() - t0
+
+    # 5. release or quarantine ---------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    metrics = training.metrics
+    published = publish(
+        run_dir, decision, run_id=run_id, adapter_dir=training.adapter_dir, report_dir=audited.out_dir,
+        extra_files={"train_metrics.json": training.metrics_path, "validation.json": run_dir / "validation.json"},
+        manifest_fields={
+            "dataset": {"path": str(dataset), "sha256": validation.sha256, "filtered_sha256": filtered_sha,
+                        "n_records": validation.n_records, "n_dropped": len(validation.dropped_lines)},
+            "base_model": {k: metrics["model"][k] for k in ("spec", "revision", "weights_sha256")},
+            "seeds": {**metrics["seeds"], **audited.report["provenance"]["seeds"]},
+            "versions": metrics["versions"],
+            "timestamps": timestamps,
+            "training": {k: metrics[k] for k in ("objective", "reference", "steps", "train_loss")},
+        },
+        release_config=release_config(policy))
+    timings["release"] = time.perf_counter() - t0
+    return RunResult(run_id=run_id, run_dir=run_dir, verdict=decision.verdict, published_dir=published,
+                     validation=validation, training=training, audit=audited, decision=decision,
+                     stage_seconds={k: round(v, 2) for k, v in timings.items()})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
