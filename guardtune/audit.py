@@ -9,7 +9,6 @@ guardtune/schemas/report.schema.json), samples.jsonl and a self-contained report
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import subprocess
@@ -21,9 +20,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import AuditConfig, ModelConfig, audit_config, model_config
+from .config import AuditConfig, as_dict, audit_config, resolve_stage
 from .errors import ConfigError, DatasetError
-from .policy import Policy, load_policy
+from .policy import Policy
 
 # Bump when cached base results or generated prefixes change meaning.
 AUDIT_CACHE_FORMAT = 1
@@ -351,17 +350,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _resolve(policy: Policy | str | None, config: AuditConfig | None, model: str | None,
-             overrides: dict[str, Any]) -> tuple[Policy, AuditConfig, ModelConfig]:
-    policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
-    if config is not None:
-        cfg = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    else:
-        cfg = audit_config(policy, **overrides)
-    mcfg = model_config(policy, **({"name": model} if model else {}))
-    return policy, cfg, mcfg
-
-
 def audit(model: str | None = None, adapter: str | Path | None = None, policy: Policy | str | None = None,
           out: str | Path = "guardtune-audit", *, config: AuditConfig | None = None, quantization: str = "none",
           trust_remote_code: bool | None = None, use_cache: bool = True, progress: Progress | None = None,
@@ -377,10 +365,11 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     from .models import load_model
     from .report import validate_report, write_html
     from .templates import render_prompt, response_ids
-    from .training import _versions
+    from .release import sha256_tree
+    from .training import library_versions
 
     started = time.perf_counter()
-    policy, cfg, mcfg = _resolve(policy, config, model, overrides)
+    policy, cfg, mcfg = resolve_stage(audit_config, config, policy, model, overrides)
     if trust_remote_code is not None:
         mcfg.trust_remote_code = trust_remote_code
     out_dir = Path(out)
@@ -407,7 +396,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign)}
-    config_dict = _jsonable(dataclasses.asdict(cfg))
+    config_dict = as_dict(cfg)
     base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
                 "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
                 "responses": hashlib.sha256(json.dumps(responses).encode()).hexdigest()}
@@ -454,7 +443,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
         "schema_version": 1,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {k: info.to_dict()[k] for k in ("spec", "kind", "revision", "weights_sha256", "quantization", "dtype")},
-        "adapter": {"path": str(adapter), "sha256": _dir_sha256(Path(adapter))} if adapter is not None else None,
+        "adapter": {"path": str(adapter), "sha256": sha256_tree(adapter)} if adapter is not None else None,
         "config": config_dict,
         "judge": {"name": judge.name, **judge.describe()},
         "prefix_source": {k: prefix_source[k] for k in ("kind", "model", "model_sha256", "tokens", "note")},
@@ -463,7 +452,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                    "note": note},
         "results": {"base": base_result, "finetuned": tuned_result},
         "comparison": comparison,
-        "provenance": {**_versions(), "git_commit": _git_commit(), "device": info.device,
+        "provenance": {**library_versions(), "git_commit": _git_commit(), "device": info.device,
                        "seeds": {"generation": cfg.seed, "sample": cfg.sample_seed},
                        "harmful_set_sha256": sets_sha["harmful"], "benign_set_sha256": sets_sha["benign"],
                        "base_cache": "hit" if cached is not None else "miss",
@@ -480,17 +469,3 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     return AuditReport(report=report, out_dir=out_dir)
 
 
-def _dir_sha256(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +198,11 @@ class ReleaseConfig:
     include_training_data: bool = _help("Copy the training data into the release.", default=False)
 
 
+def as_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON types (tuples become lists), for reports and metrics."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def _pick(section: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
     return {attr: section[key] for key, attr in mapping.items() if key in section}
 
@@ -268,3 +274,23 @@ def configs_from_policy(policy: Policy | str = "default") -> dict[str, Any]:
         policy = load_policy(policy)
     return {"model": model_config(policy), "dataset": dataset_config(policy), "training": train_config(policy),
             "audit": audit_config(policy), "gate": gate_config(policy), "release": release_config(policy)}
+
+
+def resolve_stage(builder: Any, stage_config: Any, policy: Policy | str | None, model: str | None,
+                  overrides: dict[str, Any]) -> tuple[Policy, Any, ModelConfig]:
+    """(policy, stage config, model config) for one stage called from the API.
+
+    `stage_config` is either that stage's config object (then `policy` supplies everything else) or a
+    policy/policy name (then the stage config is built from it); `overrides` replace single fields (None =
+    not given); `model` overrides the policy's model spec.
+    """
+    if dataclasses.is_dataclass(stage_config):
+        cfg_policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
+        cfg = dataclasses.replace(stage_config, **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        if policy is not None and stage_config is not None:
+            raise ConfigError("Pass the policy either as the stage config or as `policy`, not both.")
+        source = stage_config if stage_config is not None else policy
+        cfg_policy = source if isinstance(source, Policy) else load_policy(source or "default")
+        cfg = builder(cfg_policy, **overrides)
+    return cfg_policy, cfg, model_config(cfg_policy, **({"name": model} if model else {}))

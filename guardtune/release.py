@@ -33,6 +33,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_tree(root: str | Path) -> str:
+    """One digest for a directory: every file's relative path and content hash, in sorted order."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for name in _tree_files(root):
+        digest.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(root / name)))
+    return digest.hexdigest()
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

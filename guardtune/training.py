@@ -8,7 +8,6 @@ train_metrics.json. The reference is the same PEFT model with its adapter disabl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,9 +20,10 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import losses
-from .config import ModelConfig, TrainConfig, model_config, train_config
-from .errors import ConfigError, DatasetError
-from .policy import Policy, load_policy
+from .config import TrainConfig, as_dict, resolve_stage, train_config
+from .errors import DatasetError
+from .policy import Policy
+from .release import sha256_file
 
 logger = logging.getLogger("guardtune.training")
 
@@ -67,13 +67,23 @@ def logit_softcap(model: torch.nn.Module) -> float | None:
 def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states [B, T, H] through the model's own forward.
 
-    `logits_to_keep=1` makes the forward compute logits for one position only; the full-vocabulary projection
-    happens later, chunked, at response positions alone (losses.token_logps). Calling the top-level forward
-    (not the inner decoder) keeps DDP's and PEFT's forward hooks in the loop.
+    The decoder's output is caught with a forward hook, so no per-layer hidden states are collected
+    (`output_hidden_states=True` cost ~10% of a forward on the embedded model), and `logits_to_keep=1` makes
+    the forward project one position only: the full-vocabulary projection happens later, chunked, at response
+    positions alone (losses.token_logps). Calling the top-level forward (not the inner decoder) keeps DDP's
+    and PEFT's forward hooks in the loop.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                use_cache=False)
-    return out.hidden_states[-1]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # DDP-wrapped
+    captured: list[torch.Tensor] = []
+    handle = base.get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else
+                                                     output.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -154,7 +164,7 @@ def reference_cache_key(dataset_sha256: str, template_fingerprint: str, weights_
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_token_id: int, batch_size: int,
                             progress: Callable[[int, int], None] | None = None) -> list[list[float]]:
     """Per-token reference log-probs for each example, aligned to its tokens (0.0 where not a response token).
@@ -305,7 +315,8 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
     )
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that determine a run's numbers (provenance)."""
     import platform
     from importlib import metadata
 
@@ -316,21 +327,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def _resolve_configs(config: TrainConfig | Policy | str | None, policy: Policy | str | None, model: str | None,
-                     overrides: dict[str, Any]) -> tuple[Policy, TrainConfig, ModelConfig]:
-    if isinstance(config, TrainConfig):
-        policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
-        cfg = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    else:
-        if policy is not None and config is not None:
-            raise ConfigError("Pass the policy either as `config` or as `policy`, not both.")
-        source = config if config is not None else policy
-        policy = source if isinstance(source, Policy) else load_policy(source or "default")
-        cfg = train_config(policy, **overrides)
-    mcfg = model_config(policy, **({"name": model} if model else {}))
-    return policy, cfg, mcfg
 
 
 def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,
@@ -354,7 +350,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     started = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy, cfg, mcfg = _resolve_configs(config, policy, model, overrides)
+    policy, cfg, mcfg = resolve_stage(train_config, config, policy, model, overrides)
     if trust_remote_code is not None:
         mcfg.trust_remote_code = trust_remote_code
     for note in cfg.warnings():
@@ -362,7 +358,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
 
     report = None
     if validated:
-        dataset_sha256 = _file_sha256(Path(dataset))
+        dataset_sha256 = sha256_file(dataset)
     else:
         report = validate_dataset(dataset, policy=policy)
         if not report.valid:
@@ -406,6 +402,9 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
 
     adapter_dir = out_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))
+    checkpoints = Path(args.output_dir)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # no save_steps: the Trainer created it and wrote nothing
     history = [row for row in trainer.state.log_history if "loss" in row]
     metrics = {
         "objective": cfg.objective,
@@ -427,31 +426,15 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
         "dataset": {"path": str(dataset), "sha256": dataset_sha256, "n_records": len(examples)},
         "model": info.to_dict(),
         "policy": policy.to_dict(),
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": as_dict(cfg),
         "seeds": {"seed": cfg.seed, "data_seed": cfg.seed},
-        "versions": _versions(),
+        "versions": library_versions(),
         "resumed": bool(resume),
         "warnings": cfg.warnings(),
     }
     metrics_path = out_dir / "train_metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, metrics=metrics)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 class _ProgressCallback(TrainerCallback):
