@@ -34,7 +34,7 @@ TARGETS = {"cached_step": 1.03, "cached_memory": 1.02, "online_step": 1.30, "pre
 
 
 class PeakMemory:
-    """Peak training memory of a block.
+    """Peak training memory over the blocks (steps) it wraps.
 
     CUDA: the allocator's peak. CPU: process RSS cannot be compared between modes run one after another in
     one process (the allocator keeps what earlier modes freed), so on CPU the peak is parameters + gradients +
@@ -75,7 +75,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
         else:
             self._hooks.__exit__(*exc)
             params = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -121,38 +121,51 @@ def make_examples(n: int, seq: int, vocab: int) -> list[dict]:
     return out
 
 
-def run_mode(name: str, model, examples: list[dict], args, cfg, device) -> dict:
-    from transformers import PrinterCallback, TrainerCallback
-
+def run_interleaved(modes: dict, model, args, device) -> dict:
+    """Time every mode's optimizer steps interleaved (step i of each mode back to back, order rotating), so
+    drifts in CPU clock or background load hit all modes alike; the Trainer's own training_step is timed
+    together with the optimizer step."""
     from guardtune.training import GuardedTrainer, _ExampleDataset, _training_arguments, collate
 
-    times: list[float] = []
-    memory = PeakMemory(device, model)
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            memory.step_begin()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-            memory.step_end()
-
-    with tempfile.TemporaryDirectory() as out:
+    trainers, meters, times = {}, {}, {}
+    for name, (cfg, examples) in modes.items():
+        out = tempfile.mkdtemp(prefix=f"bench-{name}-")
         training_args = _training_arguments(cfg, Path(out), use_bf16=cfg_dtype(model) == torch.bfloat16
                                             and device.type == "cuda", on_cpu=device.type == "cpu", own_progress=True)
         trainer = GuardedTrainer(model=model, args=training_args, train_dataset=_ExampleDataset(examples),
-                                 data_collator=lambda b: collate(b, 0), callbacks=[StepTimer()], guard_config=cfg)
-        trainer.remove_callback(PrinterCallback)
-        with memory:
-            trainer.train()
-    steady = times[2:] if len(times) > 4 else times  # the first steps pay allocator and kernel warm-up
-    return {"mode": name, "median_step_s": statistics.median(steady), "steps": len(times), "peak_bytes": memory.peak,
-            "memory_kind": "cuda max allocated" if device.type == "cuda" else "params+grads+adam+saved activations"}
+                                 data_collator=lambda b: collate(b, 0), guard_config=cfg)
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.steps)
+        trainers[name], meters[name], times[name] = trainer, PeakMemory(device, model), []
+    batch_size = next(iter(modes.values()))[0].batch_size
+    names = list(modes)
+    for step in range(args.steps):
+        order = names[step % len(names):] + names[:step % len(names)]
+        for name in order:
+            cfg, examples = modes[name]
+            batch = collate(examples[step * batch_size:(step + 1) * batch_size], 0)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            items = (batch["shift_labels"] != -100).sum()
+            trainer, meter = trainers[name], meters[name]
+            with meter:
+                meter.step_begin()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                trainer.training_step(model, batch, num_items_in_batch=items)
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - started)
+                meter.step_end()
+    results = {}
+    for name in names:
+        steady = times[name][2:] if len(times[name]) > 4 else times[name]  # skip allocator/kernel warm-up
+        results[name] = {"mode": name, "median_step_s": statistics.median(steady), "steps": len(times[name]),
+                         "peak_bytes": meters[name].peak,
+                         "memory_kind": "cuda max allocated" if device.type == "cuda"
+                         else "params+grads+adam+saved activations"}
+    return results
 
 
 def cfg_dtype(model) -> torch.dtype:
@@ -192,13 +205,11 @@ def main() -> int:
     precompute_s = time.perf_counter() - started
     cached_examples = [{**e, "ref_logps": r} for e, r in zip(examples, ref)]
 
-    results = {}
-    for name, cfg, data in [
-        ("sft", dataclasses.replace(base_cfg, objective="sft"), examples),
-        ("constrained_cached", dataclasses.replace(base_cfg, reference="cached"), cached_examples),
-        ("constrained_online", dataclasses.replace(base_cfg, reference="online"), examples),
-    ]:
-        results[name] = run_mode(name, model, data, args, cfg, device)
+    results = run_interleaved({
+        "sft": (dataclasses.replace(base_cfg, objective="sft"), examples),
+        "constrained_cached": (dataclasses.replace(base_cfg, reference="cached"), cached_examples),
+        "constrained_online": (dataclasses.replace(base_cfg, reference="online"), examples),
+    }, model, args, device)
 
     sft = results["sft"]
     steps_per_epoch = len(examples) / preset["batch"]

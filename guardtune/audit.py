@@ -406,7 +406,10 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     if adapter is not None:
         from peft import PeftModel
 
-        model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
+        from .models import quiet_peft_wrapping
+
+        with quiet_peft_wrapping():
+            model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
     model_obj.eval()
 
     cached = _read_cache(base_cache) if use_cache else None

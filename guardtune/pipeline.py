@@ -86,6 +86,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     from .gate import decide
     from .models import resolve_model_dir
     from .release import publish
+    from .report import write_html
     from .training import train
 
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
@@ -139,6 +140,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     t0 = time.perf_counter()
     decision = decide(audited.report, policy)
     decision.write(run_dir / "gate.json")
+    write_html(audited.out_dir)  # re-render so the reviewer's page shows the decision beside the numbers
     timings["gate"] = time.perf_counter() - t0
 
     # 5. release or quarantine ---------------------------------------------------------------------------------

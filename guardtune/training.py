@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,6 +40,7 @@ class TrainResult:
     adapter_dir: Path
     metrics_path: Path
     metrics: dict[str, Any]
+    model: Any = field(default=None, repr=False)  # the trained PeftModel, in memory (for the caller's own checks)
 
     @property
     def reference_kind(self) -> str:
@@ -434,7 +435,8 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     }
     metrics_path = out_dir / "train_metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, metrics=metrics)
+    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, metrics=metrics,
+                       model=peft_model)
 
 
 class _ProgressCallback(TrainerCallback):

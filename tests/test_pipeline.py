@@ -70,6 +70,7 @@ def test_finetune_pass_releases_with_every_artifact(tiny_model_dir, tmp_path):
     assert manifest["base_model"]["weights_sha256"] == run.training.metrics["model"]["weights_sha256"]
     assert "adapter/adapter_model.safetensors" in manifest["files"]
     assert list(dict.fromkeys(stages)) == ["validate", "train", "audit"]
+    assert "Not gated yet" not in (root / "audit" / "report.html").read_text()
     assert set(run.stage_seconds) == {"validate", "train", "audit", "gate", "release"}
 
     # verify passes, then fails after one byte of the adapter changes.
