@@ -67,3 +67,9 @@ class StageProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

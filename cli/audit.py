@@ -39,14 +39,11 @@ def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_
     """Audit MODEL (+ ADAPTER) side by side with its base; writes report.json, samples.jsonl, report.html."""
     from guardtune.audit import audit as run_audit
 
-    bar = StageProgress()
-    try:
+    with StageProgress() as bar:
         result = run_audit(model=model, adapter=adapter, policy=policy, out=out, quantization=quantization,
                            trust_remote_code=trust_remote_code or None, use_cache=not no_cache,
                            progress=bar.stage("audit"), sample_harmful=sample, sample_benign=sample,
                            max_new_tokens=max_new_tokens)
-    finally:
-        bar.close()
     if as_json:
         echo_json(result.to_dict())
         return

@@ -33,13 +33,10 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
 
     from .audit import format_asr_table
 
-    bar = StageProgress()
-    try:
+    with StageProgress() as bar:
         result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,
                               trust_remote_code=trust_remote_code or None, progress=bar)
-    finally:
-        bar.close()
     if as_json:
         echo_json(result.to_dict())
     else:

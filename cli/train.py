@@ -35,15 +35,12 @@ def train(dataset, model, out, policy, objective, reference, quantization, epoch
         raise click.UsageError("Give --epochs or --max-steps, not both.")
     from guardtune.training import train as run_training
 
-    bar = StageProgress()
-    try:
+    with StageProgress() as bar:
         result = run_training(dataset, model=model, config=policy, out=out, resume=resume,
                               progress=bar.stage("train"),
                               trust_remote_code=trust_remote_code or None, objective=objective, reference=reference,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,
                               learning_rate=learning_rate, batch_size=batch_size, save_steps=save_steps, seed=seed)
-    finally:
-        bar.close()
     if as_json:
         echo_json(result.to_dict())
         return
