@@ -40,7 +40,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from guardtune import evalsets
-    from guardtune.audit import generate
+    from guardtune.auditing import generate
     from guardtune.models import load_model
     from guardtune.templates import render_prompt, response_ids
 

@@ -37,7 +37,7 @@ def format_asr_table(rows: list[dict]) -> list[str]:
 @json_option
 def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_cache, trust_remote_code, as_json):
     """Audit MODEL (+ ADAPTER) side by side with its base; writes report.json, samples.jsonl, report.html."""
-    from guardtune.audit import audit as run_audit
+    from guardtune.auditing import audit as run_audit
 
     with StageProgress() as bar:
         result = run_audit(model=model, adapter=adapter, policy=policy, out=out, quantization=quantization,

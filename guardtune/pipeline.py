@@ -81,7 +81,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
              progress: Progress | None = None, **train_overrides: Any) -> RunResult:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all."""
-    from .audit import audit as run_audit
+    from .auditing import audit as run_audit
     from .dataset import validate_dataset
     from .gate import decide
     from .models import resolve_model_dir

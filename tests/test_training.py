@@ -195,7 +195,7 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
     """
     from peft import PeftModel
 
-    from guardtune.audit import _Target, kl_profile
+    from guardtune.auditing import _Target, kl_profile
     from guardtune.models import load_model
     from guardtune.templates import render_prompt, response_ids
 
