@@ -303,16 +303,24 @@ def prepare_embedded(name: str, *, force: bool = False) -> Path:
     try:
         _convert_gguf(gguf, staging)
         meta = {"format": CACHE_FORMAT, "name": name, "distribution": entry.distribution,
-                "distribution_version": importlib.metadata.version(entry.distribution),
+                "distribution_version": _distribution_version(entry.distribution),
                 "gguf_file": entry.filename, "gguf_sha256": _file_sha256(gguf), "gguf_size": gguf.stat().st_size,
                 "transformers_version": importlib.metadata.version("transformers"),
-                "torch_version": importlib.metadata.version("torch"),
+                "torch_version": _distribution_version("torch"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _publish(staging, target, name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _distribution_version(name: str) -> str | None:
+    """Installed version of a distribution, or None when no metadata is found (a GGUF located by other means)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -321,12 +321,15 @@ def library_versions() -> dict[str, str]:
     import platform
     from importlib import metadata
 
+    import torch
+
     versions = {"python": platform.python_version()}
     for name in ("guardtune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    versions["torch"] = torch.__version__  # keeps the build tag (+cpu, +cu130) that the metadata may drop
     return versions
 
 

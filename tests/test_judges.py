@@ -431,12 +431,12 @@ def scripted_generate(judge, output: str, unsafe_logit: float, safe_logit: float
         batch = input_ids.shape[0]
         logits = []
         for step, token in enumerate(target):
-            row = torch.full((batch, vocab), -5.0)
+            row = torch.full((batch, vocab), -5.0, device=input_ids.device)
             row[:, token] = 10.0
             if step == first_word:
                 row[:, unsafe_id], row[:, safe_id] = unsafe_logit, safe_logit
             logits.append(row)
-        generated = torch.tensor(target).repeat(batch, 1)
+        generated = torch.tensor(target, device=input_ids.device).repeat(batch, 1)
         return SimpleNamespace(sequences=torch.cat([input_ids, generated], dim=1), logits=tuple(logits))
 
     return generate

@@ -217,7 +217,7 @@ def test_weights_sha256_without_weights(tmp_path):
 
 
 def test_load_local_model(tiny_model_dir):
-    loaded = models.load_model(str(tiny_model_dir))
+    loaded = models.load_model(str(tiny_model_dir), device="cpu")
     info = loaded.info.to_dict()
     assert info == {"spec": str(tiny_model_dir), "kind": "local", "path": str(tiny_model_dir.resolve()),
                     "revision": None, "weights_sha256": models.weights_sha256(tiny_model_dir),
@@ -282,7 +282,7 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_dir):
     import torch
 
     model = models.load_model(str(tiny_model_dir)).model
-    ids = torch.tensor([[1, 5, 9, 14, 20, 2]])
+    ids = torch.tensor([[1, 5, 9, 14, 20, 2]], device=model.device)
     with torch.no_grad():
         base_logits = model(ids).logits
     with models.reference(model):  # a plain model is its own reference
