@@ -90,24 +90,23 @@ def _stop_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             static_cache: bool | None = None, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+             static_cache: bool = False, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
     """Continue each prompt (token ids); returns the new token ids, cut at the first stop token.
 
-    Batched with left padding and the KV cache; the static cache on CUDA (compiled decoding shapes stay fixed).
-    Greedy by default; sampling is seeded per call.
+    Batched with left padding and the KV cache. `static_cache` (CUDA only) switches to transformers' static
+    cache, which also torch.compiles the decoding step; every new batch shape compiles again, so it is opt-in
+    (benchmarks/bench_audit.py measures it). Greedy by default; sampling is seeded per call.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = _stop_ids(model, tokenizer)
-    if static_cache is None:
-        static_cache = device.type == "cuda"
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
                                "eos_token_id": stop, "use_cache": True}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
     else:
         options.update(temperature=None, top_p=None, top_k=None)
-    if static_cache:
+    if static_cache and device.type == "cuda":
         options["cache_implementation"] = "static"
     outputs: list[list[int]] = []
     # Sort by length so each batch pads little; restore the caller's order at the end.
@@ -242,7 +241,7 @@ def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Pro
     context = reference(model) if same_model else torch.no_grad()
     with context:
         continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.prefix_tokens, batch_size=cfg.batch_size,
-                                 on_batch=_counting(progress, "prefixes", len(inputs)))
+                                 static_cache=cfg.static_cache, on_batch=_counting(progress, "prefixes", len(inputs)))
     model.train(was_training)
     responses = [tokenizer.decode(o + c, skip_special_tokens=True) for o, c in zip(openers, continuations)]
     _write_cache(path, responses)
@@ -263,6 +262,7 @@ def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: li
     instructions = [t.prompt.instruction for _, t, _ in attacks] + [p.instruction for p in benign]
     continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                             static_cache=cfg.static_cache,
                              on_batch=_counting(progress, f"generate:{name}", len(inputs)))
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
     verdicts = judge.evaluate_batch(list(zip(instructions, texts)))

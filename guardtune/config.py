@@ -148,6 +148,10 @@ class AuditConfig:
     top_p: float = _help("Nucleus sampling p (paper: 0.6).", default=0.6)
     seed: int = _help("Generation seed.", default=0)
     batch_size: int = _help("Prompts per generation batch.", default=32)
+    static_cache: bool = _help(
+        "Static KV cache on CUDA, which makes transformers torch.compile the decoding step (CUDA graphs); each "
+        "new batch shape recompiles, so it is off by default. Measure with benchmarks/bench_audit.py first.",
+        default=False)
     kl_positions: int = _help("Response positions 1..N of the KL profile.", default=32)
     kl_examples: int | None = _help("Harmful responses averaged in the KL profile (None = all audited).", default=None)
 

@@ -44,6 +44,36 @@ def test_batched_greedy_generation_matches_one_at_a_time(tiny_model_dir):
     assert all(len(seq) <= 12 for seq in batched)
 
 
+def test_static_cache_is_opt_in_from_the_policy(tmp_path):
+    from guardtune.config import audit_config
+    from guardtune.policy import load_policy
+
+    assert audit_config(load_policy("default")).static_cache is False
+    policy = tmp_path / "static.yaml"
+    policy.write_text("version: '1'\ninclude: default\naudit:\n  decoding: {static_cache: true}\n")
+    assert audit_config(load_policy(str(policy))).static_cache is True
+    policy.write_text("version: '1'\ninclude: default\naudit:\n  decoding: {static_cache: 'yes'}\n")
+    with pytest.raises(Exception, match="static_cache"):
+        load_policy(str(policy))
+
+
+def test_static_cache_request_is_ignored_on_cpu(tiny_model_dir, monkeypatch):
+    """The static cache only pays off with transformers' CUDA compile path; on CPU generate() keeps the dynamic
+    cache even when asked (and its greedy output is unchanged)."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": text}]) for text in ["Hi", "ok then"]]
+    seen, real_generate = [], model.generate
+
+    def recording_generate(**kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    asked = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, static_cache=True)
+    assert seen == [None] and asked == generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+
+
 def test_audit_end_to_end_writes_three_valid_files(tiny_model_dir, zero_adapter, tmp_path):
     result = small_audit(tiny_model_dir, tmp_path / "audit", adapter=zero_adapter)
     for name in ("report.json", "samples.jsonl", "report.html"):
@@ -133,7 +163,7 @@ def test_lora_grads_survive_an_audit_on_a_qlora_model(tiny_model_dir):
     kl_profile(model, [_Target(None, prompt, response_ids(tok, "Sure, here"))], positions=3, batch_size=1,
                pad_id=tok.pad_token_id)
     model.train()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads)
