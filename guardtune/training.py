@@ -319,16 +319,14 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries that determine a run's numbers (provenance)."""
     import platform
-    from importlib import metadata
 
     import torch
 
+    from .models import distribution_version
+
     versions = {"python": platform.python_version()}
     for name in ("guardtune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+        versions[name] = distribution_version(name) or "not installed"
     versions["torch"] = torch.__version__  # keeps the build tag (+cpu, +cu130) that the metadata may drop
     return versions
 

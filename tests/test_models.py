@@ -197,10 +197,10 @@ def test_weights_sha256_is_stable_and_sidecar_cached(tiny_model_dir, tmp_path, m
     assert len(first) == 64 and models.weights_sha256(model_dir) == first
     assert len(list((models.cache_dir() / "hashes").glob("*.json"))) == 1
 
-    real_file_sha256 = models._file_sha256
-    monkeypatch.setattr(models, "_file_sha256", lambda path: pytest.fail("re-hashed an unchanged file"))
+    real_file_sha256 = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda path: pytest.fail("re-hashed an unchanged file"))
     assert models.weights_sha256(model_dir) == first  # served from the sidecar
-    monkeypatch.setattr(models, "_file_sha256", real_file_sha256)
+    monkeypatch.setattr(models, "sha256_file", real_file_sha256)
 
     weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # new size and mtime: hashed again
