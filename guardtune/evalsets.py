@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -103,6 +104,51 @@ def set_sha256(prompts: Iterable[AuditPrompt]) -> str:
     """sha256 of the canonical JSON of the prompt list (order matters), recorded in every report."""
     canonical = json.dumps([p.to_dict() for p in prompts], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+_STOPWORDS = frozenset(
+    "a an the of to for and or in on at by with from into about how what which who whom whose why when where "
+    "is are was were be been being do does did can could would should will shall may might must i me my you your "
+    "it its this that these those some any all me us our we they them their he she his her him please".split())
+
+
+def _content_words(text: str) -> frozenset[str]:
+    from .judges import normalise
+
+    return frozenset(w for w in re.findall(r"[a-z0-9]+", normalise(text)) if w not in _STOPWORDS)
+
+
+def near_duplicates(texts: Sequence[str], references: Sequence[str], *, ratio: float = 0.8,
+                    jaccard: float = 0.6) -> list[tuple[int, int, str]]:
+    """Pairs (i, j, why) where texts[i] is a near-duplicate of references[j]: the same after normalisation,
+    a character similarity (difflib ratio) of at least `ratio`, or content-word Jaccard of at least `jaccard`.
+
+    Guards the audit against contamination: a prompt trained on (alignment, attacks, a customer's data) and then
+    audited measures memory, not safety. Quadratic in the set sizes; fine for thousands of short prompts.
+    """
+    from difflib import SequenceMatcher
+
+    from .judges import normalise
+
+    folded = [normalise(t) for t in references]
+    words = [_content_words(t) for t in references]
+    found = []
+    for i, text in enumerate(texts):
+        a, a_words = normalise(text), _content_words(text)
+        matcher = SequenceMatcher(None, autojunk=False)
+        matcher.set_seq2(a)  # difflib caches its index of seq2: the fixed side
+        for j, (b, b_words) in enumerate(zip(folded, words)):
+            if a == b:
+                found.append((i, j, "identical after normalisation"))
+                continue
+            union = a_words | b_words
+            if union and len(a_words & b_words) / len(union) >= jaccard:
+                found.append((i, j, f"content-word Jaccard {len(a_words & b_words) / len(union):.2f}"))
+                continue
+            matcher.set_seq1(b)
+            if matcher.real_quick_ratio() >= ratio and matcher.quick_ratio() >= ratio and matcher.ratio() >= ratio:
+                found.append((i, j, f"character similarity {matcher.ratio():.2f}"))
+    return found
 
 
 def categories(prompts: Iterable[AuditPrompt]) -> dict[str, int]:
