@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from guardtune import evalsets
-    from guardtune.auditing import generate
+    from guardtune.generation import generate
     from guardtune.models import load_model
     from guardtune.templates import render_prompt, response_ids
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from guardtune.auditing import _Target, audit, generate, kl_profile
+from guardtune.auditing import _Target, audit, kl_profile
+from guardtune.generation import generate
 from guardtune.config import TrainConfig
 from guardtune.models import attach_lora, load_model
 from guardtune.report import validate_report
