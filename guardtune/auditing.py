@@ -22,7 +22,8 @@ import torch
 
 from .config import AuditConfig, as_dict, audit_config, resolve_stage
 from .errors import ConfigError, DatasetError
-from .generation import Progress, counting, generate
+from .cache import read_json, write_json
+from .generation import Progress, counting, generate, write_answers
 from .policy import Policy
 
 # Bump when cached base results or generated prefixes change meaning.
@@ -90,25 +91,9 @@ class _Target:
 
 
 def _cache_path(kind: str, payload: dict[str, Any]) -> Path:
-    from .models import cache_dir
+    from .cache import json_path
 
-    key = hashlib.sha256(json.dumps({"format": AUDIT_CACHE_FORMAT, **payload}, sort_keys=True,
-                                    default=str).encode()).hexdigest()
-    return cache_dir() / "audit" / kind / f"{key}.json"
-
-
-def _read_cache(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_cache(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{time.time_ns()}")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    tmp.replace(path)
+    return json_path(f"audit/{kind}", {"format": AUDIT_CACHE_FORMAT, **payload})
 
 
 def _harmful_responses(cfg: AuditConfig, prompts: list, audited, progress: Progress | None) -> tuple[list[str], dict]:
@@ -138,7 +123,6 @@ def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Pro
     When the prefix model is the audited base itself, the loaded model is reused with its adapter disabled.
     """
     from .models import load_model, reference, resolve_model_dir, weights_sha256
-    from .templates import render_prompt, response_ids
 
     prefix_dir = resolve_model_dir(cfg.prefix_model)
     prefix_sha = weights_sha256(prefix_dir)
@@ -148,26 +132,22 @@ def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Pro
     description = {"kind": "generate", "model": cfg.prefix_model, "model_sha256": prefix_sha,
                    "tokens": cfg.prefix_tokens,
                    "note": f"greedy continuations of each opener by {cfg.prefix_model}, cached at audit time"}
-    cached = _read_cache(path)
+    cached = read_json(path)
     if isinstance(cached, list) and len(cached) == len(prompts):
         return cached, {**description, "cache": "hit"}
     same_model = audited is not None and audited.info.weights_sha256 == prefix_sha
     loaded = audited if same_model else load_model(cfg.prefix_model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    inputs, openers = [], []
-    for p in prompts:
-        opener_ids = response_ids(tokenizer, p.opener) if p.opener else []
-        inputs.append(render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]) + opener_ids)
-        openers.append(opener_ids)
     was_training = model.training
     model.eval()
     context = reference(model) if same_model else torch.no_grad()
     with context:
-        continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.prefix_tokens, batch_size=cfg.batch_size,
-                                 static_cache=cfg.static_cache, on_batch=counting(progress, "prefixes", len(inputs)))
+        answers = write_answers(model, tokenizer, [(p.instruction, p.opener) for p in prompts],
+                                max_new_tokens=cfg.prefix_tokens, batch_size=cfg.batch_size,
+                                static_cache=cfg.static_cache, on_batch=counting(progress, "prefixes", len(prompts)))
     model.train(was_training)
-    responses = [tokenizer.decode(o + c, skip_special_tokens=True) for o, c in zip(openers, continuations)]
-    _write_cache(path, responses)
+    responses = [a.text for a in answers]
+    write_json(path, responses)
     if not same_model:
         del loaded
     return responses, {**description, "cache": "miss"}
@@ -335,7 +315,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
             model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
     model_obj.eval()
 
-    cached = _read_cache(base_cache) if use_cache else None
+    cached = read_json(base_cache) if use_cache else None
     if cached is not None:
         base_result, base_samples = cached["result"], cached["samples"]
     else:
@@ -344,7 +324,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
         with reference(model_obj):
             base_result, base_samples = _run_model("base", model_obj, tokenizer, judge, cfg, targets, benign,
                                                    benign_ids, progress)
-        _write_cache(base_cache, {"result": base_result, "samples": base_samples})
+        write_json(base_cache, {"result": base_result, "samples": base_samples})
 
     tuned_result, tuned_samples, comparison = None, [], None
     if adapter is not None:

@@ -1,0 +1,113 @@
+"""Batched generation shared by the stages that make a model write: the audit's continuations and prefixes,
+alignment's harmful answers and utility anchors. Left padding, KV cache, length-sorted batches, stop tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+Progress = Callable[[str, int, int], None]
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             static_cache: bool = False, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new token ids, cut at the first stop token.
+
+    Batched with left padding and the KV cache. `static_cache` (CUDA only) switches to transformers' static
+    cache, which also torch.compiles the decoding step; every new batch shape compiles again, so it is opt-in
+    (benchmarks/bench_audit.py measures it). Greedy by default; sampling is seeded per call.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = _stop_ids(model, tokenizer)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
+                               "eos_token_id": stop, "use_cache": True}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    if static_cache and device.type == "cuda":
+        options["cache_implementation"] = "static"
+    outputs: list[list[int]] = []
+    # Sort by length so each batch pads little; restore the caller's order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    by_index: dict[int, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        ids, mask = _left_pad([prompts[i] for i in indices], pad_id, device)
+        if do_sample:
+            torch.manual_seed(seed + start)
+        generated = model.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:].tolist()
+        for index, tokens in zip(indices, generated):
+            cut = next((j for j, t in enumerate(tokens) if t in stop), len(tokens))
+            by_index[index] = tokens[:cut]
+        if on_batch:
+            on_batch(len(indices))
+    outputs = [by_index[i] for i in range(len(prompts))]
+    return outputs
+
+
+def counting(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:
+    """An on_batch callback that advances progress(phase, done, total); None when there is no progress."""
+    if progress is None:
+        return None
+    done = [0]
+    progress(phase, 0, total)
+
+    def tick(n: int) -> None:
+        done[0] += n
+        progress(phase, done[0], total)
+
+    return tick
+
+
+@dataclass
+class Answer:
+    """A model's answer to one instruction: the text (opener included) and whether it ended on a stop token."""
+
+    text: str
+    finished: bool
+
+
+def write_answers(model, tokenizer, prompts: Sequence[tuple[str, str | None]], *, max_new_tokens: int,
+                  batch_size: int, static_cache: bool = False,
+                  on_batch: Callable[[int], None] | None = None) -> list[Answer]:
+    """Greedy answers to (instruction, opener) pairs: the opener (if any) is prefilled after the rendered prompt,
+    then the model continues for up to `max_new_tokens`. How the audit's harmful prefixes and alignment's
+    harmful answers and utility anchors are written. The caller picks the context (no_grad, adapter disabled)."""
+    from .templates import render_prompt, response_ids
+
+    inputs, openers = [], []
+    for instruction, opener in prompts:
+        opener_ids = response_ids(tokenizer, opener) if opener else []
+        inputs.append(render_prompt(tokenizer, [{"role": "user", "content": instruction}]) + opener_ids)
+        openers.append(opener_ids)
+    continuations = generate(model, tokenizer, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             static_cache=static_cache, on_batch=on_batch)
+    return [Answer(text=tokenizer.decode(o + c, skip_special_tokens=True), finished=len(c) < max_new_tokens)
+            for o, c in zip(openers, continuations)]
