@@ -387,42 +387,14 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
             example["ref_logps"] = values
         reference_info.update({"cache_key": key, "cache_hit": hit, "precompute_s": round(seconds, 3)})
 
-    on_cpu = info.device == "cpu"
-    args = _training_arguments(cfg, out_dir, use_bf16=(info.dtype == "bfloat16" and not on_cpu), on_cpu=on_cpu,
-                               own_progress=progress is not None)
-    all_callbacks = list(callbacks)
-    if progress:
-        all_callbacks.append(_ProgressCallback(progress))
-    trainer = GuardedTrainer(model=peft_model, args=args, train_dataset=_ExampleDataset(examples),
-                          data_collator=lambda batch: collate(batch, pad_token_id), callbacks=all_callbacks,
-                          guard_config=cfg)
-    if progress:
-        trainer.remove_callback(PrinterCallback)  # per-step log dicts on stdout; the progress callback reports
-    train_started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if resume else None)
-    train_seconds = time.perf_counter() - train_started
-
-    adapter_dir = out_dir / "adapter"
-    peft_model.save_pretrained(str(adapter_dir))
-    checkpoints = Path(args.output_dir)
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()  # no save_steps: the Trainer created it and wrote nothing
-    history = [row for row in trainer.state.log_history if "loss" in row]
+    fitted = fit(peft_model, _ExampleDataset(examples), cfg, out_dir, device=info.device, dtype=info.dtype,
+                 pad_token_id=pad_token_id, resume=resume, callbacks=callbacks, progress=progress)
     metrics = {
         "objective": cfg.objective,
         "reference": cfg.reference_kind,
         "reference_detail": reference_info,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "train_loss": output.training_loss,
-        "loss_curve": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
-                        "grad_norm": r.get("grad_norm")} for r in history],
-        "tokens_seen": trainer.tokens_seen,
-        "tokens_per_second": round(trainer.tokens_seen / train_seconds, 2) if train_seconds > 0 else None,
-        "train_seconds": round(train_seconds, 3),
+        **fitted.summary(),
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "constraint_weight": {name: (trainer.weight_sums[name] / trainer.weight_counts[name]
-                                     if trainer.weight_counts[name] else None) for name, _, _ in BUCKETS},
         "n_examples": len(examples),
         "n_truncated": sum(e["truncated"] for e in examples),
         "dataset": {"path": str(dataset), "sha256": dataset_sha256, "n_records": len(examples)},
@@ -436,8 +408,8 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     }
     metrics_path = out_dir / "train_metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, metrics_path=metrics_path, metrics=metrics,
-                       model=peft_model)
+    return TrainResult(out_dir=out_dir, adapter_dir=fitted.adapter_dir, metrics_path=metrics_path,
+                       metrics=metrics, model=peft_model)
 
 
 class _ProgressCallback(TrainerCallback):
@@ -451,3 +423,73 @@ class _ProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.progress("train", state.global_step, state.max_steps)
+
+
+@dataclass
+class FitResult:
+    """A finished Trainer run: the trainer (state, log history), its output, where the adapter went."""
+
+    trainer: GuardedTrainer
+    output: Any  # transformers.TrainOutput
+    adapter_dir: Path
+    train_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The run's numbers for a metrics file: steps, loss curve, throughput, per-position constraint weights."""
+        trainer, seconds = self.trainer, self.train_seconds
+        history = [row for row in trainer.state.log_history if "loss" in row]
+        return {
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_loss": self.output.training_loss,
+            "loss_curve": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
+                            "grad_norm": r.get("grad_norm")} for r in history],
+            "tokens_seen": trainer.tokens_seen,
+            "tokens_per_second": round(trainer.tokens_seen / seconds, 2) if seconds > 0 else None,
+            "train_seconds": round(seconds, 3),
+            "constraint_weight": {name: (trainer.weight_sums[name] / trainer.weight_counts[name]
+                                         if trainer.weight_counts[name] else None) for name, _, _ in BUCKETS},
+        }
+
+
+def fit(peft_model: Any, dataset: torch.utils.data.Dataset, cfg: TrainConfig, out_dir: Path, *, device: str,
+        dtype: str, pad_token_id: int, resume: bool = False, callbacks: Sequence[Any] = (),
+        progress: Callable[[str, int, int], None] | None = None) -> FitResult:
+    """Train a LoRA-wrapped model on tokenized examples with GuardedTrainer; save OUT/adapter.
+
+    The one training loop of the project: `train` (a customer's JSONL) and `alignment.align` (safety data built
+    in memory) both end here. `dataset` yields dicts with input_ids, completion_mask, response_positions (and
+    ref_logps for the cached constrained objective); one with a `set_epoch(epoch)` method is told each epoch.
+    """
+    on_cpu = device == "cpu"
+    args = _training_arguments(cfg, out_dir, use_bf16=(dtype == "bfloat16" and not on_cpu), on_cpu=on_cpu,
+                               own_progress=progress is not None)
+    all_callbacks = list(callbacks)
+    if progress:
+        all_callbacks.append(_ProgressCallback(progress))
+    if hasattr(dataset, "set_epoch"):
+        all_callbacks.append(_EpochCallback(dataset))
+    trainer = GuardedTrainer(model=peft_model, args=args, train_dataset=dataset,
+                             data_collator=lambda batch: collate(batch, pad_token_id), callbacks=all_callbacks,
+                             guard_config=cfg)
+    if progress:
+        trainer.remove_callback(PrinterCallback)  # per-step log dicts on stdout; the progress callback reports
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - started
+    adapter_dir = out_dir / "adapter"
+    peft_model.save_pretrained(str(adapter_dir))
+    checkpoints = Path(args.output_dir)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # no save_steps: the Trainer created it and wrote nothing
+    return FitResult(trainer=trainer, output=output, adapter_dir=adapter_dir, train_seconds=seconds)
+
+
+class _EpochCallback(TrainerCallback):
+    """Tells a dataset which epoch starts (datasets that draw something anew every epoch, e.g. prefix lengths)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(round(state.epoch or 0))  # state.epoch is a float that reaches e at its end
