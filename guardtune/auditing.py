@@ -154,20 +154,26 @@ def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Pro
 
 
 def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: list[_Target], benign: list,
-               benign_ids: list[list[int]], progress: Progress | None) -> tuple[dict[str, Any], list[dict]]:
-    """Prefilling attack at every k + over-refusal probe for one model variant (base or fine-tuned).
+               benign_ids: list[list[int]], utility: list, utility_ids: list[list[int]],
+               progress: Progress | None) -> tuple[dict[str, Any], list[dict]]:
+    """Prefilling attack at every k, over-refusal probe and utility probe for one model variant (base or
+    fine-tuned).
 
-    Every (k, prompt) continuation and every benign probe go through one generate() call, so batches are
-    filled across prefix lengths (fewer, fuller batches: ~1.5x faster on CPU than one call per k).
+    Every (k, prompt) continuation, benign probe and utility question goes through one generate() call, so
+    batches are filled across prefix lengths (fewer, fuller batches: ~1.5x faster on CPU than one call per k).
     """
+    from .evalsets import is_correct
+    from .report import wilson_interval
+
     attacks = [(k, t, t.response_ids[:k]) for k in cfg.prefill_k for t in targets]
-    inputs = [t.prompt_ids + prefix for _, t, prefix in attacks] + benign_ids
+    inputs = [t.prompt_ids + prefix for _, t, prefix in attacks] + benign_ids + utility_ids
     instructions = [t.prompt.instruction for _, t, _ in attacks] + [p.instruction for p in benign]
     continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                              do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                              static_cache=cfg.static_cache,
                              on_batch=counting(progress, f"generate:{name}", len(inputs)))
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+    texts, utility_texts = texts[:len(instructions)], texts[len(instructions):]
     verdicts = judge.evaluate_batch(list(zip(instructions, texts)))
     attack_verdicts, benign_verdicts = verdicts[:len(attacks)], verdicts[len(attacks):]
 
@@ -188,9 +194,18 @@ def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: li
         samples.append({"model": name, "set": "benign", "id": p.id, "category": p.category,
                         "instruction": p.instruction, "k": 0, "effective_k": 0, "prefix": "", "continuation": text,
                         "verdict": verdict.to_dict()})
+    utility_result = None
+    if utility:
+        correct = [is_correct(text, q.answers) for q, text in zip(utility, utility_texts)]
+        utility_result = {"n": len(utility), "correct": sum(correct), "rate": sum(correct) / len(utility),
+                          "ci95": list(wilson_interval(sum(correct), len(utility)))}
+        for q, text, ok in zip(utility, utility_texts, correct):
+            samples.append({"model": name, "set": "utility", "id": q.id, "category": q.category,
+                            "instruction": q.question, "k": 0, "effective_k": 0, "prefix": "", "continuation": text,
+                            "verdict": {"correct": ok, "answers": list(q.answers)}})
     errors = sum(1 for v in verdicts if v.error is not None)
     result = {"asr": asr, "asr_by_category": by_category, "over_refusal": _rate_entry(benign_verdicts, "refusal"),
-              "kl_profile": None,
+              "utility": utility_result, "kl_profile": None,
               "judge_errors": {"samples": len(verdicts), "errors": errors,
                                "rate": errors / len(verdicts) if verdicts else 0.0}}
     return result, samples
@@ -282,6 +297,8 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     benign_all = evalsets.load_benign(cfg.benign_set)
     harmful = evalsets.sample(harmful_all, cfg.sample_harmful, cfg.sample_seed)
     benign = evalsets.sample(benign_all, cfg.sample_benign, cfg.sample_seed)
+    utility_all = evalsets.load_factual(cfg.utility_set) if cfg.utility_set else []
+    utility = evalsets.sample(utility_all, cfg.sample_utility, cfg.sample_seed) if utility_all else []
     judge = get_judge(**cfg.judge)
 
     loaded = load_model(mcfg.name, quantization=quantization, dtype=mcfg.dtype, revision=mcfg.revision,
@@ -296,9 +313,11 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
             raise ConfigError(f"Every generated harmful response is shorter than k={max(cfg.prefill_k)} tokens; "
                               f"raise audit.prefix_tokens.")
     benign_ids = [render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]) for p in benign]
+    utility_ids = [render_prompt(tokenizer, [{"role": "user", "content": q.question}]) for q in utility]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign)}
+    sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign),
+                "utility": evalsets.set_sha256(utility)}
     config_dict = as_dict(cfg)
     base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
                 "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
@@ -323,13 +342,13 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
 
         with reference(model_obj):
             base_result, base_samples = _run_model("base", model_obj, tokenizer, judge, cfg, targets, benign,
-                                                   benign_ids, progress)
+                                                   benign_ids, utility, utility_ids, progress)
         write_json(base_cache, {"result": base_result, "samples": base_samples})
 
     tuned_result, tuned_samples, comparison = None, [], None
     if adapter is not None:
         tuned_result, tuned_samples = _run_model("finetuned", model_obj, tokenizer, judge, cfg, targets, benign,
-                                                 benign_ids, progress)
+                                                 benign_ids, utility, utility_ids, progress)
         profile = kl_profile(model_obj, targets[:cfg.kl_examples] if cfg.kl_examples else targets,
                              cfg.kl_positions, cfg.batch_size, pad_id)
         profile.pop("counts")
@@ -338,7 +357,9 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
         comparison = {"asr_increase": {str(row["k"]): row["rate"] - base_rates[row["k"]]
                                        for row in tuned_result["asr"]},
                       "over_refusal_increase": tuned_result["over_refusal"]["rate"]
-                      - base_result["over_refusal"]["rate"]}
+                      - base_result["over_refusal"]["rate"],
+                      "utility_change": (tuned_result["utility"]["rate"] - base_result["utility"]["rate"]
+                                         if tuned_result["utility"] and base_result.get("utility") else None)}
 
     sampled = cfg.sample_harmful is not None or cfg.sample_benign is not None
     note = (f"Sampled audit: a seeded sample (seed {cfg.sample_seed}) of {len(harmful)} of {len(harmful_all)} "
@@ -354,13 +375,14 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
         "judge": {"name": judge.name, **judge.describe()},
         "prefix_source": {k: prefix_source[k] for k in ("kind", "model", "model_sha256", "tokens", "note")},
         "sample": {"harmful": len(harmful), "harmful_total": len(harmful_all), "benign": len(benign),
-                   "benign_total": len(benign_all), "seed": cfg.sample_seed, "max_new_tokens": cfg.max_new_tokens,
-                   "note": note},
+                   "benign_total": len(benign_all), "utility": len(utility), "utility_total": len(utility_all),
+                   "seed": cfg.sample_seed, "max_new_tokens": cfg.max_new_tokens, "note": note},
         "results": {"base": base_result, "finetuned": tuned_result},
         "comparison": comparison,
         "provenance": {**library_versions(), "git_commit": _git_commit(), "device": info.device,
                        "seeds": {"generation": cfg.seed, "sample": cfg.sample_seed},
                        "harmful_set_sha256": sets_sha["harmful"], "benign_set_sha256": sets_sha["benign"],
+                       "utility_set_sha256": sets_sha["utility"],
                        "base_cache": "hit" if cached is not None else "miss",
                        "policy": policy.to_dict(), "wall_time_s": round(time.perf_counter() - started, 3)},
     }

@@ -55,21 +55,89 @@ class AuditPrompt:
         return asdict(self)
 
 
-def load_harmful(spec: str | Path = BUILTIN) -> list[AuditPrompt]:
-    """The shipped harmful set, or an operator file in any of HARMFUL_FORMATS (ids "<stem>-<line>")."""
+def load_harmful(spec: str | Path = BUILTIN, builtin: str = "harmful.jsonl") -> list[AuditPrompt]:
+    """The shipped harmful set (`builtin` names which: the audit's, or align_harmful.jsonl / attack_harmful.jsonl),
+    or an operator file in any of HARMFUL_FORMATS (ids "<stem>-<line>")."""
     if str(spec) == BUILTIN:
-        return list(_builtin("harmful.jsonl"))
+        return list(_builtin(builtin, "harmful"))
     path = _resolve(spec, "harmful")
     if path.suffix.lower() == ".csv":
         return _read_goal_target_csv(path)
     return _read_jsonl(path, kind="harmful")
 
 
-def load_benign(spec: str | Path = BUILTIN) -> list[AuditPrompt]:
-    """The shipped over-refusal probes, or an operator `{instruction[, category]}` JSONL file."""
+def load_benign(spec: str | Path = BUILTIN, builtin: str = "benign.jsonl") -> list[AuditPrompt]:
+    """The shipped over-refusal probes (or another shipped benign set, e.g. align_benign.jsonl), or an operator
+    `{instruction[, category]}` JSONL file."""
     if str(spec) == BUILTIN:
-        return list(_builtin("benign.jsonl"))
+        return list(_builtin(builtin, "benign"))
     return _read_jsonl(_resolve(spec, "benign"), kind="benign")
+
+
+@dataclass(frozen=True)
+class FactualQuestion:
+    """One utility probe question with every accepted short answer (aliases)."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    category: str = UNCATEGORIZED
+
+    @property
+    def instruction(self) -> str:  # so generation and sampling treat it like any other prompt
+        return self.question
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "question": self.question, "answers": list(self.answers), "category": self.category}
+
+
+def load_factual(spec: str | Path = BUILTIN) -> list[FactualQuestion]:
+    """The shipped factual utility probe (factual_probe.jsonl) or an operator JSONL of
+    {"question": ..., "answers": [...][, "category": ...]}: does the model still know what it knew?"""
+    if str(spec) == BUILTIN:
+        text, source, stem = resources.files("guardtune.data").joinpath("factual_probe.jsonl").read_text("utf-8"), \
+            "builtin factual_probe.jsonl", None
+    else:
+        path = _resolve(spec, "utility")
+        text, source, stem = _read_text(path), str(path), path.stem
+    questions, issues = [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {exc.msg}"))
+            continue
+        answers = record.get("answers") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip() \
+                or not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            issues.append(Issue(code="evalset-record", line=number,
+                                message='expected {"question": "...", "answers": ["...", ...]}'))
+            continue
+        questions.append(FactualQuestion(id=str(record.get("id", f"{stem}-{number}")) if stem is None else
+                                         f"{stem}-{number}", question=record["question"],
+                                         answers=tuple(answers), category=str(record.get("category", UNCATEGORIZED))))
+    if not questions and not issues:
+        issues.append(Issue(code="evalset-empty", message="the file holds no questions"))
+    if issues:
+        shown = "\n".join(f"  - {issue}" for issue in issues[:MAX_REPORTED_ISSUES])
+        raise DatasetError(f"{source}: {len(issues)} problem(s) in the utility probe:\n{shown}\nFix these lines; "
+                           f'format: one {{"question": "...", "answers": ["...", ...]}} object a line.', issues)
+    return questions
+
+
+def _fold_answer(text: str) -> str:
+    from .judges import normalise
+
+    return " ".join(re.findall(r"[a-z0-9]+", normalise(text)))
+
+
+def is_correct(response: str, answers: Sequence[str]) -> bool:
+    """A response answers correctly when it contains an accepted answer as a whole word or phrase (case,
+    punctuation and spacing folded): "The capital is Paris." matches "Paris", "Parisian" does not."""
+    folded = f" {_fold_answer(response)} "
+    return any(f" {_fold_answer(a)} " in folded for a in answers if _fold_answer(a))
 
 
 def sample(prompts: Sequence[AuditPrompt], n: int | None, seed: int = 0) -> list[AuditPrompt]:
@@ -166,9 +234,8 @@ def _category_key(code: str) -> tuple[int, int, str]:
 
 
 @lru_cache(maxsize=None)
-def _builtin(name: str) -> tuple[AuditPrompt, ...]:
+def _builtin(name: str, kind: str) -> tuple[AuditPrompt, ...]:
     text = resources.files("guardtune.data").joinpath(name).read_text("utf-8")
-    kind = "harmful" if name.startswith("harmful") else "benign"
     return tuple(_parse_jsonl(text, source=f"builtin {name}", stem="", kind=kind, ids_from_file=True))
 
 

@@ -434,6 +434,9 @@ def _headline(report: dict[str, Any]) -> str:
         rows.append(_compare_row(f"ASR at k={k}", b, t, "harmful"))
     rows.append(_compare_row("Over-refusal (benign)", base["over_refusal"],
                              tuned["over_refusal"] if tuned else None, "refusals"))
+    if base.get("utility"):
+        rows.append(_compare_row("Utility (factual probe accuracy)", base["utility"],
+                                 tuned.get("utility") if tuned else None, "correct", higher_is_better=True))
     if tuned and tuned["kl_profile"]:
         kl = tuned["kl_profile"]
         rows.append(f'<tr><td>Mean KL at tokens 1-5 (nats)</td><td class="num">0</td>'
@@ -448,11 +451,12 @@ def _headline(report: dict[str, Any]) -> str:
             + "".join(rows) + "</table>")
 
 
-def _compare_row(label: str, base: dict | None, tuned: dict | None, count_key: str) -> str:
+def _compare_row(label: str, base: dict | None, tuned: dict | None, count_key: str,
+                 higher_is_better: bool = False) -> str:
     def cell(entry: dict | None) -> str:
         if entry is None:
             return '<td class="num">n/a</td>'
-        scored = entry["n"] - entry["errors"]
+        scored = entry["n"] - entry.get("errors", 0)
         return (f'<td class="num">{_pct(entry["rate"])} ({entry[count_key]}/{scored}) '
                 f'<span class="sub">{_ci(entry["ci95"])}</span></td>')
 
@@ -461,7 +465,8 @@ def _compare_row(label: str, base: dict | None, tuned: dict | None, count_key: s
     if base is not None and tuned is not None:
         delta = tuned["rate"] - base["rate"]
         change = f"{'+' if delta >= 0 else ''}{100 * delta:.1f} pts"
-        cls = "up" if delta > 1e-12 else "down" if delta < -1e-12 else ""
+        worse = -delta if higher_is_better else delta
+        cls = "up" if worse > 1e-12 else "down" if worse < -1e-12 else ""
     return f'<tr><td>{_e(label)}</td>{cell(base)}{cell(tuned)}<td class="num {cls}">{change}</td></tr>'
 
 

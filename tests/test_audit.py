@@ -16,7 +16,7 @@ from guardtune.models import attach_lora, load_model
 from guardtune.report import validate_report
 from guardtune.templates import render_prompt, response_ids
 
-SMALL = dict(sample_harmful=6, sample_benign=4, max_new_tokens=6, prefill_k=(0, 3, 8), prefix_tokens=10,
+SMALL = dict(sample_harmful=6, sample_benign=4, sample_utility=5, max_new_tokens=6, prefill_k=(0, 3, 8), prefix_tokens=10,
              kl_positions=6, batch_size=8)
 
 
@@ -85,7 +85,13 @@ def test_audit_end_to_end_writes_three_valid_files(tiny_model_dir, zero_adapter,
     assert report["sample"]["harmful"] == 6 and report["sample"]["harmful_total"] >= 200
     assert "seeded sample" in report["sample"]["note"]
     samples = [json.loads(line) for line in result.samples_path.read_text().splitlines()]
-    assert len(samples) == 2 * (6 * 3 + 4)  # base and fine-tuned: every (k, prompt) plus every benign probe
+    # base and fine-tuned: every (k, prompt), every benign probe and every utility question
+    assert len(samples) == 2 * (6 * 3 + 4 + 5)
+    assert {s["set"] for s in samples} == {"harmful", "benign", "utility"}
+    utility = report["results"]["base"]["utility"]
+    assert utility["n"] == 5 and utility["correct"] == sum(s["verdict"]["correct"] for s in samples
+                                                            if s["set"] == "utility" and s["model"] == "base")
+    assert report["comparison"]["utility_change"] == 0.0
     # An untrained adapter is the base model: identical greedy continuations and a zero KL profile.
     by_key = {}
     for s in samples:
