@@ -12,6 +12,7 @@ from guardtune import __version__
 # name -> "module:function". Commands import lazily so `guardtune --help` never loads torch.
 COMMANDS = {
     "validate": "guardtune_cli.validate:validate",
+    "align": "guardtune_cli.align:align",
     "train": "guardtune_cli.train:train",
     "audit": "guardtune_cli.audit:audit",
     "gate": "guardtune_cli.gate:gate",

@@ -17,6 +17,8 @@ _LAZY = {
     "load_policy": "guardtune.policy",
     "Policy": "guardtune.policy",
     "train": "guardtune.training",
+    "align": "guardtune.alignment",
+    "AlignResult": "guardtune.alignment",
     "TrainResult": "guardtune.training",
     "audit": "guardtune.auditing",
     "AuditReport": "guardtune.auditing",
