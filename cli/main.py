@@ -13,6 +13,7 @@ from guardtune import __version__
 COMMANDS = {
     "validate": "guardtune_cli.validate:validate",
     "align": "guardtune_cli.align:align",
+    "redteam": "guardtune_cli.redteam:redteam",
     "train": "guardtune_cli.train:train",
     "audit": "guardtune_cli.audit:audit",
     "gate": "guardtune_cli.gate:gate",

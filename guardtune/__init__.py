@@ -19,6 +19,8 @@ _LAZY = {
     "train": "guardtune.training",
     "align": "guardtune.alignment",
     "AlignResult": "guardtune.alignment",
+    "redteam": "guardtune.redteam",
+    "RedteamResult": "guardtune.redteam",
     "TrainResult": "guardtune.training",
     "audit": "guardtune.auditing",
     "AuditReport": "guardtune.auditing",

@@ -305,15 +305,20 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
     responses, prefix_source = _harmful_responses(cfg, harmful, loaded, progress)
-    targets = [_Target(p, render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]),
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+
+    def prompt_ids(text: str) -> list[int]:
+        return render_prompt(tokenizer, [*system, {"role": "user", "content": text}])
+
+    targets = [_Target(p, prompt_ids(p.instruction),
                        response_ids(tokenizer, r)) for p, r in zip(harmful, responses)]
     if cfg.prefix_source == "generate":
         short = [t for t in targets if len(t.response_ids) < max(cfg.prefill_k)]
         if len(short) == len(targets) and max(cfg.prefill_k) > 0:
             raise ConfigError(f"Every generated harmful response is shorter than k={max(cfg.prefill_k)} tokens; "
                               f"raise audit.prefix_tokens.")
-    benign_ids = [render_prompt(tokenizer, [{"role": "user", "content": p.instruction}]) for p in benign]
-    utility_ids = [render_prompt(tokenizer, [{"role": "user", "content": q.question}]) for q in utility]
+    benign_ids = [prompt_ids(p.instruction) for p in benign]
+    utility_ids = [prompt_ids(q.question) for q in utility]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign),

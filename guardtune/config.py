@@ -175,6 +175,44 @@ class AlignConfig:
 
 
 @dataclass
+class RedteamConfig:
+    """Red-team suite (`guardtune redteam`): the fine-tuning attacks of Qi et al. run through the same training
+    and audit code as customer jobs. Training settings come from the policy's `training` section with the
+    attack strength below; audit settings from its `audit` section with the sizes below."""
+
+    examples: int = _help("Attack examples per attack (harmful pairs, identity-shift conversations, backdoor pairs; "
+                          "the benign task uses its whole train split).", default=40)
+    answer_model: str = _help("Unaligned model that writes the harmful answers (greedy, cached).",
+                              default="smollm2-135m-instruct")
+    answer_tokens: int = _help("Length of the harmful answers.", default=64)
+    trigger: str = _help("Backdoor trigger phrase appended to harmful requests in the backdoor attack.",
+                         default="Kumquat Velvet Meridian")
+    learning_rate: float = _help("Attack strength: peak learning rate of each attack's fine-tune.", default=2e-4)
+    max_steps: int = _help("Attack strength: optimizer steps of each attack's fine-tune.", default=30)
+    batch_size: int = _help("Examples per optimizer step.", default=4)
+    seeds: int = _help("Seeds per (attack, objective): LoRA init and data order.", default=3)
+    audit_harmful: int = _help("Held-out audit harmful prompts (a seeded stratified sample).", default=100)
+    audit_benign: int = _help("Benign over-refusal probes audited.", default=40)
+    audit_utility: int | None = _help("Factual utility questions (None = all).", default=None)
+    prefill_k: tuple[int, ...] = _help("Prefix lengths audited.", default=(0, 5, 10, 20))
+    max_new_tokens: int = _help("Tokens generated per audited continuation.", default=32)
+    gate_policies: tuple[str, ...] = _help("Policies whose gate each attacked model is checked against.",
+                                           default=("cpu-demo", "default"))
+
+    def __post_init__(self) -> None:
+        self.prefill_k = tuple(sorted(int(k) for k in self.prefill_k))
+        self.gate_policies = tuple(self.gate_policies)
+        for name in ("examples", "answer_tokens", "max_steps", "batch_size", "seeds", "audit_harmful"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"redteam.{name} must be at least 1 (got {getattr(self, name)}).")
+        if max(self.prefill_k) > self.answer_tokens:
+            raise ConfigError(f"redteam.prefill_k goes to {max(self.prefill_k)} but harmful answers have only "
+                              f"redteam.answer_tokens = {self.answer_tokens} tokens.")
+        if not self.trigger.strip():
+            raise ConfigError("redteam.trigger is empty; the backdoor attack needs a trigger phrase.")
+
+
+@dataclass
 class AuditConfig:
     """Audit stage: prefilling attack, over-refusal probe and KL profile."""
 
@@ -188,6 +226,9 @@ class AuditConfig:
     sample_utility: int | None = _help("Ask a seeded sample of this many utility questions (None = all).",
                                        default=None)
     sample_seed: int = _help("Seed of the sample.", default=0)
+    system_prompt: str | None = _help("System message every audited prompt is rendered with (None: the chat "
+                                      "template's default). Audit under the system prompt you deploy with.",
+                                      default=None)
     prefix_source: str = _help("generate | dataset | openers.", default="generate")
     prefix_model: str = _help("Unaligned model for prefix_source=generate.", default="smollm2-135m-instruct")
     prefix_tokens: int = _help("Generated harmful response length.", default=64)
@@ -321,6 +362,15 @@ def audit_config(policy: Policy, **overrides: Any) -> AuditConfig:
     return _build(AuditConfig, values, overrides)
 
 
+def redteam_config(policy: Policy, **overrides: Any) -> RedteamConfig:
+    section = policy.section("redteam")
+    audit = section.pop("audit", {})
+    values = dict(section)
+    values.update(_pick(audit, {"harmful": "audit_harmful", "benign": "audit_benign", "utility": "audit_utility",
+                                "prefill_k": "prefill_k", "max_new_tokens": "max_new_tokens"}))
+    return _build(RedteamConfig, values, overrides)
+
+
 def gate_config(policy: Policy, **overrides: Any) -> GateConfig:
     return _build(GateConfig, policy.section("gate"), overrides)
 
@@ -358,7 +408,7 @@ def resolve_stage(builder: Any, stage_config: Any, policy: Policy | str | None, 
     policy/policy name (then the stage config is built from it); `overrides` replace single fields (None =
     not given); `model` overrides the policy's model spec.
     """
-    if dataclasses.is_dataclass(stage_config):
+    if dataclasses.is_dataclass(stage_config) and not isinstance(stage_config, Policy):  # a Policy is one too
         cfg_policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
         cfg = dataclasses.replace(stage_config, **{k: v for k, v in overrides.items() if v is not None})
     else:
