@@ -250,6 +250,7 @@ class GuardedTrainer(Trainer):
         self.weight_sums = {name: 0.0 for name, _, _ in BUCKETS}
         self.weight_counts = {name: 0 for name, _, _ in BUCKETS}
         self.tokens_seen = 0
+        self.position_history: list[dict[str, Any]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.guard_config
@@ -273,17 +274,34 @@ class GuardedTrainer(Trainer):
             positions = inputs["response_positions"][:, 1:][select]
             betas = losses.position_betas(positions, cfg.betas, cfg.beta_tail)
             loss = losses.constrained_loss(policy_logps, ref_logps, ones, betas, num_items_in_batch)
-            self._track_weights(losses.constraint_weights(policy_logps.detach(), ref_logps, betas), positions)
+            self._track_weights(losses.constraint_weights(policy_logps.detach(), ref_logps, betas), positions,
+                                policy_logps.detach() - ref_logps)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch already counts every process.
             loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
 
-    def _track_weights(self, weights: torch.Tensor, positions: torch.Tensor) -> None:
+    def _track_weights(self, weights: torch.Tensor, positions: torch.Tensor, rises: torch.Tensor) -> None:
+        """Per position bucket: the constraint weight and how far the target token's log-prob has risen above the
+        reference's (policy - ref, nats), summed over training and per optimizer step (position_history)."""
+        step = self.state.global_step
+        if not self.position_history or self.position_history[-1]["step"] != step:
+            self.position_history.append({"step": step, **{name: [0.0, 0.0, 0] for name, _, _ in BUCKETS}})
+        row = self.position_history[-1]
         for name, low, high in BUCKETS:
             in_bucket = positions >= low if high is None else (positions >= low) & (positions <= high)
+            count = int(in_bucket.sum())
             self.weight_sums[name] += float(weights[in_bucket].sum())
-            self.weight_counts[name] += int(in_bucket.sum())
+            self.weight_counts[name] += count
+            row[name][0] += float(weights[in_bucket].sum())
+            row[name][1] += float(rises[in_bucket].sum())
+            row[name][2] += count
+
+    def position_stats(self) -> list[dict[str, Any]]:
+        """Per optimizer step and bucket: mean constraint weight and mean log-prob rise over the reference."""
+        return [{"step": row["step"] + 1, **{name: {"weight": w / n, "rise": r / n} if n else None
+                                             for name, (w, r, n) in ((b, row[b]) for b, _, _ in BUCKETS)}}
+                for row in self.position_history]
 
 
 def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu: bool,
@@ -449,6 +467,7 @@ class FitResult:
             "train_seconds": round(seconds, 3),
             "constraint_weight": {name: (trainer.weight_sums[name] / trainer.weight_counts[name]
                                          if trainer.weight_counts[name] else None) for name, _, _ in BUCKETS},
+            "position_stats": trainer.position_stats(),
         }
 
 

@@ -62,6 +62,10 @@ def test_train_writes_loadable_adapter_and_metrics(tiny_model_dir, data, tmp_pat
     assert metrics["tokens_per_second"] > 0
     assert set(metrics["constraint_weight"]) == {"t1", "t2_5", "t6_plus"}
     assert all(0 < w < 2 for w in metrics["constraint_weight"].values())
+    stats = metrics["position_stats"]  # per optimizer step: weight and log-prob rise over the reference
+    assert [row["step"] for row in stats] == [1, 2, 3]
+    assert stats[0]["t1"]["weight"] == pytest.approx(1.0, abs=1e-5) and stats[0]["t1"]["rise"] == pytest.approx(0.0, abs=1e-5)
+    assert all(0 < row[b]["weight"] < 2 for row in stats for b in ("t1", "t2_5", "t6_plus"))
     assert len(metrics["dataset"]["sha256"]) == 64 and metrics["seeds"]["seed"] == 42
     assert metrics["versions"]["torch"] == torch.__version__
     assert metrics["reference_detail"]["cache_hit"] is False
