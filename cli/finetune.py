@@ -12,7 +12,7 @@ from ._common import StageProgress, echo_json, json_option, policy_option
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Embedded name, local directory or hub id (default: the policy's model).")
 @policy_option
-@click.option("--objective", type=click.Choice(["constrained", "sft"]), default=None,
+@click.option("--objective", type=click.Choice(["constrained", "paper", "sft"]), default=None,
               help="Training objective (default: the policy's, normally constrained).")
 @click.option("--quant", "quantization", type=click.Choice(["none", "nf4"]), default=None,
               help="nf4 = QLoRA on a 4-bit base.")

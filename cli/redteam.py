@@ -14,8 +14,9 @@ ATTACK_NAMES = ["harmful", "identity-shift", "backdoor", "benign"]
               help="The aligned model to attack (default: the policy's model).")
 @click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACK_NAMES),
               help="Attack to run; repeat for several (default: all four).")
-@click.option("--objective", "objectives", multiple=True, type=click.Choice(["sft", "constrained"]),
-              help="Training objective of the attacker's fine-tune; repeat for both (default: both).")
+@click.option("--objective", "objectives", multiple=True, type=click.Choice(["sft", "paper", "constrained"]),
+              help="Training objective of the attacker's fine-tune; repeat for several (default: sft and "
+                   "constrained; paper is Eq. 3 alone).")
 @click.option("--seeds", type=int, default=None, help="Seeds per (attack, objective) (default: the policy's).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @policy_option
@@ -29,10 +30,11 @@ def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_s
 
     Writes OUT/redteam.json and OUT/redteam.md. The training-data risk screen is bypassed on purpose.
     """
-    from guardtune.redteam import ATTACKS, OBJECTIVES, redteam as run_redteam
+    from guardtune.redteam import ATTACKS, DEFAULT_OBJECTIVES, redteam as run_redteam
 
     with StageProgress() as bar:
-        result = run_redteam(model=model, attacks=attacks or ATTACKS, objectives=objectives or OBJECTIVES,
+        result = run_redteam(model=model, attacks=attacks or ATTACKS,
+                             objectives=objectives or DEFAULT_OBJECTIVES,
                              out=out, policy=policy, progress=bar.stage("redteam"), seeds=seeds,
                              learning_rate=learning_rate, max_steps=max_steps, examples=examples)
     if as_json:

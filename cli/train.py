@@ -13,7 +13,7 @@ from ._common import StageProgress, echo_json, json_option, policy_option
               help="Embedded name, local directory or hub id (default: the policy's model).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @policy_option
-@click.option("--objective", type=click.Choice(["constrained", "sft"]), default=None,
+@click.option("--objective", type=click.Choice(["constrained", "paper", "sft"]), default=None,
               help="Training objective (default: the policy's, normally constrained).")
 @click.option("--reference", type=click.Choice(["cached", "online"]), default=None,
               help="Reference log-probs computed once and cached, or recomputed every step.")

@@ -65,13 +65,21 @@ class DatasetConfig:
 class TrainConfig:
     """Training stage: objective, LoRA/QLoRA, optimizer and schedule."""
 
-    objective: str = _help("constrained (Qi et al. 2025, Eq. 3) or sft (plain cross-entropy, for ablation).",
-                           default="constrained")
+    objective: str = _help("constrained: Eq. 3 of Qi et al. 2025 plus the KL anchor (kl_anchor_*) on the first "
+                           "response positions, guardtune's default; paper: Eq. 3 alone, the paper's objective; "
+                           "sft: plain cross-entropy (for ablation).", default="constrained")
     reference: str = _help("cached: reference log-probs computed once before training and cached on disk; "
                            "online: recomputed every step with the adapter disabled.", default="cached")
     betas: tuple[float, ...] = _help("beta_t for response positions t = 1..len(betas).",
                                      default=(0.5, 2.0, 2.0, 2.0, 2.0))
     beta_tail: float = _help("beta_t for positions after len(betas).", default=0.1)
+    kl_anchor_positions: int = _help("constrained only: response positions t = 1..n whose whole next-token "
+                                     "distribution is held to the reference's by KL(reference || policy) (0 = off: "
+                                     "Eq. 3 alone).", default=0)
+    kl_anchor_weight: float = _help("Weight of each anchored position's KL, relative to one token's loss.",
+                                    default=1.0)
+    kl_anchor_topk: int = _help("Reference tokens kept per anchored position (the rest is one tail bucket).",
+                                default=64)
     quantization: str = _help("none (LoRA on the full-precision base) or nf4 (QLoRA, bitsandbytes).", default="none")
     lora_r: int = _help("LoRA rank.", default=16)
     lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", default=32)
@@ -97,8 +105,10 @@ class TrainConfig:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
-        if self.objective not in ("constrained", "sft"):
-            raise ConfigError(f"training.objective is {self.objective!r}; use constrained or sft.")
+        if self.objective not in ("constrained", "paper", "sft"):
+            raise ConfigError(f"training.objective is {self.objective!r}; use constrained, paper or sft.")
+        if self.kl_anchor_positions < 0 or self.kl_anchor_weight < 0 or self.kl_anchor_topk < 1:
+            raise ConfigError("training.kl_anchor needs positions >= 0, weight >= 0 and topk >= 1.")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"training.reference is {self.reference!r}; use cached or online.")
         if self.quantization not in ("none", "nf4"):
@@ -121,9 +131,18 @@ class TrainConfig:
         return notes
 
     @property
+    def uses_reference(self) -> bool:
+        return self.objective in ("constrained", "paper")
+
+    @property
+    def kl_anchor(self) -> int:
+        """Anchored positions in effect (0 unless the objective is constrained with a positive weight)."""
+        return self.kl_anchor_positions if self.objective == "constrained" and self.kl_anchor_weight > 0 else 0
+
+    @property
     def reference_kind(self) -> str:
         """What the reference log-probs come from: the frozen base, or its NF4-quantized form under QLoRA."""
-        if self.objective == "sft":
+        if not self.uses_reference:
             return "none"
         return "nf4-base" if self.quantization == "nf4" else "base"
 
@@ -327,7 +346,10 @@ def _train_config(section: dict[str, Any], defaults: dict[str, Any], overrides: 
     """A TrainConfig from a `training`-shaped policy section (nested lora/optimizer) over `defaults`."""
     lora = section.pop("lora", {})
     optimizer = section.pop("optimizer", {})
+    kl_anchor = section.pop("kl_anchor", {})
     values = {**defaults, **section}
+    values.update(_pick(kl_anchor, {"positions": "kl_anchor_positions", "weight": "kl_anchor_weight",
+                                    "topk": "kl_anchor_topk"}))
     values.update(_pick(lora, {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                "target_modules": "target_modules"}))
     values.update(_pick(optimizer, {"learning_rate": "learning_rate", "adam_betas": "adam_betas",

@@ -89,8 +89,9 @@ def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    completion_mask: torch.Tensor, unwrapped: torch.nn.Module | None = None,
-                   chunk_size: int = 1024) -> torch.Tensor:
-    """log p(token_j | tokens_<j) for every response token j (completion_mask[j] = 1), flattened [N].
+                   chunk_size: int = 1024, return_hidden: bool = False):
+    """log p(token_j | tokens_<j) for every response token j (completion_mask[j] = 1), flattened [N]
+    (and the final hidden states [B, T, H] with return_hidden, for the KL anchor).
 
     `unwrapped` is the PEFT/HF model inside any DDP wrapper (for its output layer and config); the forward
     itself goes through `model` so distributed hooks run.
@@ -98,8 +99,23 @@ def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     unwrapped = unwrapped if unwrapped is not None else model
     hidden = final_hidden(model, input_ids, attention_mask)
     select = completion_mask[:, 1:].bool()
-    return losses.token_logps(hidden[:, :-1][select], output_head(unwrapped), input_ids[:, 1:][select],
-                              chunk_size=chunk_size, softcap=logit_softcap(unwrapped))
+    logps = losses.token_logps(hidden[:, :-1][select], output_head(unwrapped), input_ids[:, 1:][select],
+                               chunk_size=chunk_size, softcap=logit_softcap(unwrapped))
+    return (logps, hidden) if return_hidden else logps
+
+
+def anchor_index(completion_mask: Sequence[int], response_positions: Sequence[int], n: int) -> list[int]:
+    """Token indices j of the response tokens at positions t = 1..n of each trained turn (the KL anchor's)."""
+    return [j for j, (m, t) in enumerate(zip(completion_mask, response_positions)) if m and 1 <= t <= n and j >= 1]
+
+
+def anchored_logits(hidden: torch.Tensor, index: torch.Tensor, unwrapped: torch.nn.Module) -> torch.Tensor:
+    """Next-token logits [M, V] (float32, soft-capped like the loss) at every anchored token of a batch:
+    `index` [B, A] holds token indices (-1 = padding); the hidden state at j - 1 predicts token j."""
+    rows, slots = (index >= 0).nonzero(as_tuple=True)
+    logits = output_head(unwrapped)(hidden[rows, index[rows, slots] - 1]).float()
+    softcap = logit_softcap(unwrapped)
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -150,25 +166,37 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
     batch["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     if "ref_logps" in examples[0]:
         batch["ref_logps"] = pad("ref_logps", 0.0, torch.float32)
+    if "anchor_index" in examples[0]:
+        width = max(1, max(len(e["anchor_index"]) for e in examples))
+        batch["anchor_index"] = torch.tensor([e["anchor_index"] + [-1] * (width - len(e["anchor_index"]))
+                                              for e in examples], dtype=torch.long)
+        if "ref_topk_ids" in examples[0]:
+            k = len(examples[0]["ref_topk_ids"][0]) if examples[0]["ref_topk_ids"] else 1
+            for key, fill, dtype in (("ref_topk_ids", 0, torch.long), ("ref_topk_logps", 0.0, torch.float32)):
+                batch[key] = torch.tensor([e[key] + [[fill] * k] * (width - len(e[key])) for e in examples],
+                                          dtype=dtype)
     return batch
 
 
 # --- reference log-probs ---------------------------------------------------------------------------------------
 
 def reference_cache_key(dataset_sha256: str, template_fingerprint: str, weights_sha256: str, quantization: str,
-                        dtype: str, max_length: int) -> str:
+                        dtype: str, max_length: int, kl_anchor: int = 0, kl_anchor_topk: int = 0) -> str:
     """Everything that changes the reference log-probs is in the key: data, tokenizer+template, base weights,
-    quantization, dtype and truncation length."""
+    quantization, dtype, truncation length, and the KL anchor's positions and top-k (what else is stored)."""
     payload = json.dumps({"format": REFERENCE_CACHE_FORMAT, "dataset": dataset_sha256, "template": template_fingerprint,
                           "weights": weights_sha256, "quantization": quantization, "dtype": dtype,
-                          "max_length": max_length}, sort_keys=True)
+                          "max_length": max_length, **({"kl_anchor": kl_anchor, "kl_anchor_topk": kl_anchor_topk}
+                                                       if kl_anchor else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @torch.inference_mode()
 def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_token_id: int, batch_size: int,
-                            progress: Callable[[int, int], None] | None = None) -> list[list[float]]:
-    """Per-token reference log-probs for each example, aligned to its tokens (0.0 where not a response token).
+                            progress: Callable[[int, int], None] | None = None,
+                            topk: int = 0) -> list[dict[str, list]]:
+    """Per example: "ref_logps", the reference's log-prob of every token (0.0 where not a response token); with
+    `topk` and examples carrying "anchor_index", also "ref_topk_ids" / "ref_topk_logps" at each anchored token.
 
     Batches are formed in length order (less padding than the training order), and the pass runs with the
     adapter disabled, in train mode, dropout inactive (models.reference): the policy's computation at step 0.
@@ -176,7 +204,7 @@ def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_to
     from .models import reference
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    results: list[list[float]] = [[] for _ in examples]
+    results: list[dict[str, list]] = [{} for _ in examples]
     device = next(model.parameters()).device
     done = 0
     if progress:
@@ -186,8 +214,13 @@ def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_to
             indices = order[start:start + batch_size]
             batch = collate([examples[i] for i in indices], pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            flat = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).cpu()
-            offset = 0
+            flat, hidden = response_logps(model, batch["input_ids"], batch["attention_mask"],
+                                          batch["completion_mask"], return_hidden=True)
+            flat = flat.cpu()
+            if topk:
+                top_ids, top_logps = losses.reference_topk(anchored_logits(hidden, batch["anchor_index"], model), topk)
+                top_ids, top_logps = top_ids.cpu().tolist(), top_logps.cpu().tolist()
+            offset = anchor_offset = 0
             for row, index in enumerate(indices):
                 mask = examples[index]["completion_mask"]
                 aligned = [0.0] * len(mask)
@@ -196,37 +229,58 @@ def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_to
                     if mask[j]:
                         aligned[j] = float(flat[offset])
                         offset += 1
-                results[index] = aligned
+                results[index]["ref_logps"] = aligned
+                if topk:
+                    n = len(examples[index]["anchor_index"])
+                    results[index]["ref_topk_ids"] = top_ids[anchor_offset:anchor_offset + n]
+                    results[index]["ref_topk_logps"] = top_logps[anchor_offset:anchor_offset + n]
+                    anchor_offset += n
             done += len(indices)
             if progress:
                 progress(done, len(examples))
     return results
 
 
+def _split(flat: list, lengths: Sequence[int]) -> list[list]:
+    out, offset = [], 0
+    for n in lengths:
+        out.append(flat[offset:offset + n])
+        offset += n
+    return out
+
+
 def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, batch_size: int,
-                               progress) -> tuple[list[list[float]], bool, float]:
+                               progress, topk: int = 0) -> tuple[list[dict[str, list]], bool, float]:
     from safetensors.torch import load_file, save_file
 
     from .models import cache_dir
 
     path = cache_dir() / "reference" / f"{key}.safetensors"
     lengths = [len(e["input_ids"]) for e in examples]
+    anchors = [len(e.get("anchor_index", [])) for e in examples]
     if path.is_file():
         stored = load_file(str(path))
-        if stored["lengths"].tolist() == lengths:
-            flat = stored["ref_logps"].tolist()
-            out, offset = [], 0
-            for n in lengths:
-                out.append(flat[offset:offset + n])
-                offset += n
-            return out, True, 0.0
+        if stored["lengths"].tolist() == lengths and (not topk or stored["anchors"].tolist() == anchors):
+            values = [{"ref_logps": row} for row in _split(stored["ref_logps"].tolist(), lengths)]
+            if topk:
+                for value, ids, logps in zip(values, _split(stored["topk_ids"].tolist(), anchors),
+                                             _split(stored["topk_logps"].tolist(), anchors)):
+                    value.update(ref_topk_ids=ids, ref_topk_logps=logps)
+            return values, True, 0.0
     started = time.perf_counter()
-    values = compute_reference_logps(model, examples, pad_token_id, batch_size, progress)
+    values = compute_reference_logps(model, examples, pad_token_id, batch_size, progress, topk=topk)
     elapsed = time.perf_counter() - started
+    tensors = {"ref_logps": torch.tensor([v for row in values for v in row["ref_logps"]], dtype=torch.float32),
+               "lengths": torch.tensor(lengths, dtype=torch.long)}
+    if topk:
+        tensors.update(anchors=torch.tensor(anchors, dtype=torch.long),
+                       topk_ids=torch.tensor([r for v in values for r in v["ref_topk_ids"]],
+                                             dtype=torch.long).reshape(-1, topk),
+                       topk_logps=torch.tensor([r for v in values for r in v["ref_topk_logps"]],
+                                               dtype=torch.float32).reshape(-1, topk))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{time.time_ns()}")
-    save_file({"ref_logps": torch.tensor([v for row in values for v in row], dtype=torch.float32),
-               "lengths": torch.tensor(lengths, dtype=torch.long)}, str(tmp))
+    save_file(tensors, str(tmp))
     tmp.replace(path)
     return values, False, elapsed
 
@@ -258,17 +312,20 @@ class GuardedTrainer(Trainer):
         completion_mask = inputs["completion_mask"]
         select = completion_mask[:, 1:].bool()
         unwrapped = self.accelerator.unwrap_model(model)
-        policy_logps = response_logps(model, input_ids, attention_mask, completion_mask, unwrapped)
+        policy_logps, hidden = response_logps(model, input_ids, attention_mask, completion_mask, unwrapped,
+                                              return_hidden=True)
         ones = torch.ones_like(policy_logps)
         self.tokens_seen += int(attention_mask.sum())
         if cfg.objective == "sft":
             loss = losses.sft_loss(policy_logps, ones, num_items_in_batch)
         else:
-            if cfg.reference == "online":
-                from .models import reference
+            from .models import reference
 
+            ref_hidden = None
+            if cfg.reference == "online":
                 with reference(unwrapped):
-                    ref_logps = response_logps(model, input_ids, attention_mask, completion_mask, unwrapped)
+                    ref_logps, ref_hidden = response_logps(model, input_ids, attention_mask, completion_mask,
+                                                           unwrapped, return_hidden=True)
             else:
                 ref_logps = inputs["ref_logps"][:, 1:][select].to(policy_logps.dtype)
             positions = inputs["response_positions"][:, 1:][select]
@@ -276,6 +333,18 @@ class GuardedTrainer(Trainer):
             loss = losses.constrained_loss(policy_logps, ref_logps, ones, betas, num_items_in_batch)
             self._track_weights(losses.constraint_weights(policy_logps.detach(), ref_logps, betas), positions,
                                 policy_logps.detach() - ref_logps)
+            if cfg.kl_anchor:
+                index = inputs["anchor_index"]
+                if ref_hidden is not None:
+                    ref_ids, ref_top = losses.reference_topk(anchored_logits(ref_hidden, index, unwrapped),
+                                                             cfg.kl_anchor_topk)
+                else:
+                    rows, slots = (index >= 0).nonzero(as_tuple=True)
+                    ref_ids, ref_top = inputs["ref_topk_ids"][rows, slots], inputs["ref_topk_logps"][rows, slots]
+                kl = losses.topk_kl(anchored_logits(hidden, index, unwrapped), ref_ids, ref_top)
+                loss = loss + losses.kl_anchor_loss(kl, cfg.kl_anchor_weight, completion_mask[:, 1:].sum()
+                                                    if num_items_in_batch is None else num_items_in_batch)
+                self._track_kl(kl.detach())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes while num_items_in_batch already counts every process.
             loss = loss * self.accelerator.num_processes
@@ -297,10 +366,17 @@ class GuardedTrainer(Trainer):
             row[name][1] += float(rises[in_bucket].sum())
             row[name][2] += count
 
+    def _track_kl(self, kl: torch.Tensor) -> None:
+        row = self.position_history[-1]
+        row["kl_anchor"] = [row.get("kl_anchor", [0.0, 0])[0] + float(kl.sum()),
+                            row.get("kl_anchor", [0.0, 0])[1] + kl.numel()]
+
     def position_stats(self) -> list[dict[str, Any]]:
         """Per optimizer step and bucket: mean constraint weight and mean log-prob rise over the reference."""
         return [{"step": row["step"] + 1, **{name: {"weight": w / n, "rise": r / n} if n else None
-                                             for name, (w, r, n) in ((b, row[b]) for b, _, _ in BUCKETS)}}
+                                             for name, (w, r, n) in ((b, row[b]) for b, _, _ in BUCKETS)},
+                 **({"kl_anchor": row["kl_anchor"][0] / row["kl_anchor"][1]} if row.get("kl_anchor", [0, 0])[1]
+                    else {})}
                 for row in self.position_history]
 
 
@@ -394,15 +470,21 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     peft_model = attach_lora(loaded.model, cfg)
 
-    reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.objective == "constrained" else "none"}
-    if cfg.objective == "constrained" and cfg.reference == "cached":
+    reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
+                                      "kl_anchor_positions": cfg.kl_anchor}
+    if cfg.kl_anchor:
+        for example in examples:
+            example["anchor_index"] = anchor_index(example["completion_mask"], example["response_positions"],
+                                                   cfg.kl_anchor)
+    if cfg.uses_reference and cfg.reference == "cached":
+        topk = cfg.kl_anchor_topk if cfg.kl_anchor else 0
         key = reference_cache_key(dataset_sha256, template_fingerprint(tokenizer), info.weights_sha256,
-                                  info.quantization, info.dtype, cfg.max_length)
+                                  info.quantization, info.dtype, cfg.max_length, cfg.kl_anchor, topk)
         ref_values, hit, seconds = _load_or_compute_reference(
             peft_model, examples, key, pad_token_id, max(cfg.batch_size, 8),
-            (lambda d, t: progress("reference", d, t)) if progress else None)
+            (lambda d, t: progress("reference", d, t)) if progress else None, topk=topk)
         for example, values in zip(examples, ref_values):
-            example["ref_logps"] = values
+            example.update(values)
         reference_info.update({"cache_key": key, "cache_hit": hit, "precompute_s": round(seconds, 3)})
 
     fitted = fit(peft_model, _ExampleDataset(examples), cfg, out_dir, device=info.device, dtype=info.dtype,

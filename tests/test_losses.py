@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guardtune.losses import (beta_schedule, chunked_kl, constrained_loss, constraint_weights, per_token_kl,
-                              position_betas, sft_loss, token_logps)
+                              position_betas, reference_topk, sft_loss, token_logps, topk_kl)
 
 
 def test_beta_schedule_matches_paper():
@@ -203,3 +203,52 @@ def test_per_token_kl_properties():
     head = torch.nn.Linear(3, 5)
     h1, h2 = torch.randn(9, 3), torch.randn(9, 3)
     torch.testing.assert_close(chunked_kl(h1, h2, head, chunk_size=4), per_token_kl(head(h1), head(h2)))
+
+
+# --- KL anchor: forward KL(reference || policy) on the reference's top-k tokens + a tail bucket ----------------------
+
+def _logits(seed: int, m: int = 6, v: int = 40, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(m, v, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_topk_kl_is_zero_with_zero_gradient_at_the_reference():
+    ref = _logits(0)
+    ids, logps = reference_topk(ref, 8)
+    policy = ref.clone().requires_grad_(True)
+    kl = topk_kl(policy, ids, logps)
+    torch.testing.assert_close(kl, torch.zeros(6), atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(kl.sum(), policy)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+
+
+def test_topk_kl_with_the_whole_vocabulary_equals_the_full_kl():
+    ref, policy = _logits(1), _logits(2)
+    ids, logps = reference_topk(ref, ref.shape[-1])
+    full = per_token_kl(ref, policy)  # KL(ref || policy)
+    torch.testing.assert_close(topk_kl(policy, ids, logps), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4, 16, 39])
+def test_topk_kl_is_a_nonnegative_lower_bound_of_the_full_kl(k):
+    ref, policy = _logits(3), _logits(4)
+    ids, logps = reference_topk(ref, k)
+    kl = topk_kl(policy, ids, logps)
+    assert (kl >= -1e-6).all() and (kl <= per_token_kl(ref, policy) + 1e-5).all()
+
+
+def test_topk_kl_gradient_restores_the_reference_mass():
+    """d KL / d logit_v = p(v) - p_ref(v) on the top-k tokens: a policy that moved mass from the reference's
+    favourite token onto another is pushed back, whichever token the data was training."""
+    ref = torch.tensor([[4.0, 0.0, 0.0, 0.0]])  # the reference refuses: token 0
+    policy = torch.tensor([[0.0, 4.0, 0.0, 0.0]], requires_grad=True)  # fine-tuned to comply: token 1
+    ids, logps = reference_topk(ref, 4)
+    (grad,) = torch.autograd.grad(topk_kl(policy, ids, logps).sum(), policy)
+    expected = torch.softmax(policy.detach(), -1) - torch.softmax(ref, -1)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+    assert grad[0, 0] < 0 < grad[0, 1]  # descent raises the refusal token, lowers the compliant one
+
+
+def test_reference_topk_returns_sorted_log_probs():
+    ids, logps = reference_topk(_logits(5), 5)
+    assert ids.shape == logps.shape == (6, 5) and ids.dtype == torch.long
+    assert (logps[:, :-1] >= logps[:, 1:]).all() and (logps <= 0).all()

@@ -108,18 +108,59 @@ def test_online_reference_matches_cached_at_first_step(tiny_model_dir, data, tmp
     assert online.metrics["loss_curve"][0]["loss"] == pytest.approx(cached.metrics["loss_curve"][0]["loss"], rel=1e-5)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_path):
-    """Loss is normalised by the response tokens of the whole optimizer step, however the step is split."""
-    one = train(data, model=str(tiny_model_dir), out=tmp_path / "one", max_steps=1, batch_size=4,
-                learning_rate=1e-2, warmup_steps=0, lora_dropout=0.0)
-    split = train(data, model=str(tiny_model_dir), out=tmp_path / "split", max_steps=1, batch_size=2,
-                  gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=0, lora_dropout=0.0)
+KL_ANCHOR = dict(kl_anchor_positions=3, kl_anchor_weight=2.0, kl_anchor_topk=8)
+
+
+def test_kl_anchor_is_zero_at_the_start_then_grows_and_cached_equals_online(tiny_model_dir, data, tmp_path):
+    options = dict(model=str(tiny_model_dir), max_steps=3, batch_size=4, learning_rate=2e-2, warmup_steps=0,
+                   **KL_ANCHOR)
+    cached = train(data, out=tmp_path / "cached", **options)
+    online = train(data, out=tmp_path / "online", reference="online", **options)
+    stats = cached.metrics["position_stats"]
+    assert stats[0]["kl_anchor"] == pytest.approx(0.0, abs=1e-6) and stats[2]["kl_anchor"] > 0
+    assert cached.metrics["reference_detail"]["kl_anchor_positions"] == 3
+    # The cached top-k is the online reference's top-k: the same losses step after step.
+    for a, b in zip(cached.metrics["loss_curve"], online.metrics["loss_curve"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    again = train(data, out=tmp_path / "again", **options)
+    assert again.metrics["reference_detail"]["cache_hit"] is True
+    assert_same_adapter(tmp_path / "cached", tmp_path / "again")
+    paper = train(data, out=tmp_path / "paper", objective="paper", **options)
+    assert paper.metrics["reference_detail"]["kl_anchor_positions"] == 0
+    assert "kl_anchor" not in paper.metrics["position_stats"][-1]
+    assert paper.metrics["reference_detail"]["cache_key"] != cached.metrics["reference_detail"]["cache_key"]
+
+
+def test_kl_anchor_step_loss_adds_weighted_kl_over_response_tokens(tiny_model_dir, data, tmp_path):
+    """At step 1 the policy is the reference: the KL anchor adds 0 to the loss and the constrained loss equals
+    the paper objective's; the anchored positions are positions 1..n of every trained turn."""
+    from guardtune.training import anchor_index
+
+    assert anchor_index([0, 0, 1, 1, 1, 1, 0, 1, 1], [0, 0, 1, 2, 3, 4, 0, 1, 2], 3) == [2, 3, 4, 7, 8]
+    assert anchor_index([1, 1], [1, 2], 5) == [1]  # token 0 has no predicting position
+    with_anchor = train(data, model=str(tiny_model_dir), out=tmp_path / "a", max_steps=1, batch_size=4, **KL_ANCHOR)
+    paper = train(data, model=str(tiny_model_dir), out=tmp_path / "p", max_steps=1, batch_size=4,
+                  objective="paper", **KL_ANCHOR)
+    assert with_anchor.metrics["loss_curve"][0]["loss"] == pytest.approx(paper.metrics["loss_curve"][0]["loss"],
+                                                                        rel=1e-5)
+
+
+@pytest.mark.parametrize("anchor", [{}, KL_ANCHOR], ids=["eq3", "eq3+kl-anchor"])
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data, tmp_path, anchor):
+    """Loss is normalised by the response tokens of the whole optimizer step, however the step is split (the KL
+    anchor's share too). Two steps, so the anchor's KL is no longer zero in the compared second step."""
+    one = train(data, model=str(tiny_model_dir), out=tmp_path / "one", max_steps=2, batch_size=4,
+                learning_rate=1e-2, warmup_steps=0, lora_dropout=0.0, **anchor)
+    split = train(data, model=str(tiny_model_dir), out=tmp_path / "split", max_steps=2, batch_size=2,
+                  gradient_accumulation_steps=2, learning_rate=1e-2, warmup_steps=0, lora_dropout=0.0, **anchor)
     # CPU: fp32 throughout. CUDA: the frozen base runs in bf16 (dtype auto), and a split batch reduces in another
     # order, so the gradient norm agrees to ~3e-4 (seen on an H200), not 1e-4.
     rel = 1e-4 if split.metrics["model"]["device"] == "cpu" else 2e-3
-    assert split.metrics["loss_curve"][0]["loss"] == pytest.approx(one.metrics["loss_curve"][0]["loss"], rel=rel)
-    assert split.metrics["loss_curve"][0]["grad_norm"] == pytest.approx(
-        one.metrics["loss_curve"][0]["grad_norm"], rel=rel)
+    for step in (0, 1):
+        assert split.metrics["loss_curve"][step]["loss"] == pytest.approx(one.metrics["loss_curve"][step]["loss"],
+                                                                          rel=rel)
+        assert split.metrics["loss_curve"][step]["grad_norm"] == pytest.approx(
+            one.metrics["loss_curve"][step]["grad_norm"], rel=rel)
 
 
 def test_sft_objective_and_config_object(tiny_model_dir, data, tmp_path):
