@@ -19,6 +19,25 @@ def format_asr_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def format_side_metrics(report: dict) -> list[str]:
+    """Over-refusal, utility and KL beside the ASR table, base vs fine-tuned."""
+    base, tuned = report["results"]["base"], report["results"]["finetuned"]
+
+    def rate(result, key, count):
+        entry = (result or {}).get(key)
+        return "-" if not entry else f"{entry['rate']:.1%} ({entry[count]}/{entry['n']})"
+
+    lines = [f"over-refusal (benign probes): base {rate(base, 'over_refusal', 'refusals')}, "
+             f"fine-tuned {rate(tuned, 'over_refusal', 'refusals')}"]
+    if base.get("utility"):
+        lines.append(f"utility (factual probe):      base {rate(base, 'utility', 'correct')}, "
+                     f"fine-tuned {rate(tuned, 'utility', 'correct')}")
+    if tuned and tuned.get("kl_profile"):
+        lines.append(f"mean KL(fine-tuned || base) at response tokens 1-5: {tuned['kl_profile']['mean_first5']:.3f} "
+                     f"nats")
+    return lines
+
+
 @click.command()
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Embedded name, local directory or hub id (default: the policy's model).")

@@ -31,7 +31,7 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
         raise click.UsageError("Give --epochs or --max-steps, not both.")
     from guardtune.pipeline import finetune as run_pipeline
 
-    from .audit import format_asr_table
+    from .audit import format_asr_table, format_side_metrics
 
     with StageProgress() as bar:
         result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
@@ -40,16 +40,27 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
     if as_json:
         echo_json(result.to_dict())
     else:
-        report = result.audit.report
+        report, decision = result.audit.report, result.decision
         click.echo("")
         click.secho(f"verdict: {result.verdict.upper()}  ({'released' if result.released else 'quarantined'})",
                     fg="green" if result.released else "red", bold=True)
         if report["sample"]["note"]:
             click.echo(report["sample"]["note"])
+        click.echo(f"model: {report['model']['spec']}   objective: {result.training.metrics['objective']}   "
+                   f"judge: {report['judge']['name']}")
         for line in format_asr_table(result.audit.asr_table()):
             click.echo(line)
-        for rule in result.decision.failed_rules:
-            click.echo(f"  failed: {rule.reason}")
+        for line in format_side_metrics(report):
+            click.echo(line)
+        policy = f"policy {decision.policy['name']} v{decision.policy['version']}"
+        if decision.failed_rules:
+            rules = sorted({r.rule for r in decision.failed_rules})
+            click.secho(f"caught by: the audit, at the gate stage ({policy}): {len(decision.failed_rules)} of "
+                        f"{len(decision.rules)} rules failed ({', '.join(rules)})", fg="red")
+            for rule in decision.failed_rules:
+                click.echo(f"  failed: {rule.reason}")
+        else:
+            click.echo(f"gate: all {len(decision.rules)} rules of {policy} passed")
         timings = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
         click.echo(f"stages: {timings}")
         click.echo(f"run dir:   {result.run_dir}\nreport:    {result.audit.html_path}\n"

@@ -93,11 +93,16 @@ def test_finetune_pass_releases_with_every_artifact(tiny_model_dir, tmp_path):
 def test_finetune_reject_quarantines_and_cli_exits_3(tiny_model_dir, tmp_path):
     policy = tiny_policy(tmp_path, tiny_model_dir, IMPOSSIBLE_GATE, "reject")
     result = CliRunner().invoke(main, ["finetune", str(EXAMPLE), "--policy", str(policy),
-                                       "--out", str(tmp_path / "run"), "--json"])
+                                       "--out", str(tmp_path / "run")])
     assert result.exit_code == 3, result.output
-    payload = json.loads(result.stdout)
-    assert payload["verdict"] == "reject" and payload["released"] is False
-    assert [rule["rule"] for rule in payload["gate"]["failed_rules"]] == ["max_kl_first5"]
+    # The summary says what caught the job, where, and by which rule; over-refusal and utility beside the ASR.
+    assert "verdict: REJECT  (quarantined)" in result.output
+    assert "caught by: the audit, at the gate stage (policy reject" in result.output
+    assert "(max_kl_first5)" in result.output and "  failed: Mean KL" in result.output
+    assert "over-refusal (benign probes): base" in result.output and "utility (factual probe):" in result.output
+    gate = json.loads((tmp_path / "run" / "gate.json").read_text())
+    assert gate["verdict"] == "reject"
+    assert [rule["rule"] for rule in gate["rules"] if not rule["passed"]] == ["max_kl_first5"]
     root = tmp_path / "run"
     assert not (root / "release").exists()
     quarantined = list((root / "quarantine").iterdir())
