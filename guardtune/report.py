@@ -385,6 +385,63 @@ def kl_chart(report: dict[str, Any], limit: float | None = None) -> str:
     return "".join(out)
 
 
+SERIES_COLORS = ("#6b7280", "#f59e0b", "#2563eb", "#16a34a", "#dc2626", "#7c3aed")
+
+
+def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], x_label: str, y_label: str,
+               *, percent: bool = False, categorical_x: bool = False, width: int = 560, height: int = 300) -> str:
+    """A standalone SVG line chart of several named series [(x, y), ...], for docs and comparisons (the
+    reproduction's KL-per-position and ASR-per-k plots, the objective study's per-step traces).
+    `percent` draws y in [0, 1] as %; `categorical_x` spaces the distinct x values evenly (k = 0/5/10/20)."""
+    left, right, top, bottom = 56, 150, 16, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    xs = sorted({x for _, points in series for x, _ in points})
+    ys = [y for _, points in series for _, y in points]
+    y_max = 1.0 if percent else max([*ys, 1e-6]) * 1.1
+    if categorical_x:
+        step = plot_w / max(len(xs), 1)
+        x_pos = {x: left + step * (i + 0.5) for i, x in enumerate(xs)}
+
+        def px(x: float) -> float:
+            return x_pos[x]
+    else:
+        lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1
+
+        def px(x: float) -> float:
+            return left + plot_w * (x - lo) / (hi - lo)
+
+    def py(y: float) -> float:
+        return top + plot_h * (1 - max(min(y, y_max), 0.0) / y_max)
+
+    out = [_svg_open(width, height, title), '<style>text{font:11px sans-serif;fill:#374151}</style>',
+           '<rect width="100%" height="100%" fill="#fff"/>']
+    for i in range(5):
+        tick = y_max * i / 4
+        label = f"{tick:.0%}" if percent else f"{tick:.2g}"
+        out.append(f'<line x1="{left}" y1="{py(tick):.1f}" x2="{left + plot_w}" y2="{py(tick):.1f}" '
+                   f'stroke="#e5e7eb"/><text x="{left - 6}" y="{py(tick) + 4:.1f}" text-anchor="end">{label}</text>')
+    labelled = xs if categorical_x or len(xs) <= 12 else sorted({xs[0], xs[-1], *xs[::max(len(xs) // 8, 1)]})
+    for x in labelled:
+        out.append(f'<text x="{px(x):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{x:g}</text>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">{_e(x_label)}</text>'
+               f'<text x="12" y="{top + plot_h / 2:.1f}" transform="rotate(-90 12 {top + plot_h / 2:.1f})" '
+               f'text-anchor="middle">{_e(y_label)}</text>')
+    legend = []
+    for i, (name, points) in enumerate(series):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(points))
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, y in points:
+            value = f"{y:.1%}" if percent else f"{y:.4g}"
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"><title>{_e(name)} '
+                       f'{x:g}: {value}</title></circle>')
+        legend.append((name, color, False))
+    out.append(_legend(left + plot_w + 16, top + 10, legend))
+    out.append("</svg>")
+    return "".join(out)
+
+
 def over_refusal_chart(report: dict[str, Any]) -> str:
     """Over-refusal on benign probes, base vs fine-tuned, as bars with 95% Wilson whiskers."""
     rows = [(name, report["results"][key]["over_refusal"], color)

@@ -265,3 +265,19 @@ def test_control_plane_runs_without_torch():
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], check=True)
+
+
+def test_line_chart_draws_every_series_with_escaped_labels():
+    from xml.etree import ElementTree
+
+    from guardtune.report import line_chart
+
+    svg = line_chart("KL <per> position", [("shallow", [(1, 3.0), (2, 0.5), (3, 0.1)]),
+                                           ("deep & co", [(1, 15.0), (2, 14.0), (3, 16.0)])],
+                     "position", "KL (nats)")
+    root = ElementTree.fromstring(svg)  # well-formed XML, labels escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(root.findall(f"{ns}polyline")) == 2 and len(root.findall(f"{ns}circle")) == 6
+    assert "deep &amp; co" in svg and "KL &lt;per&gt; position" in svg
+    percent = line_chart("ASR", [("raw", [(0, 0.9), (5, 0.97)])], "k", "ASR", percent=True, categorical_x=True)
+    assert ">100%<" in percent and "raw 5: 97.0%" in percent
