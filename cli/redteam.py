@@ -30,7 +30,7 @@ def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_s
 
     Writes OUT/redteam.json and OUT/redteam.md. The training-data risk screen is bypassed on purpose.
     """
-    from guardtune.redteam import ATTACKS, DEFAULT_OBJECTIVES, redteam as run_redteam
+    from guardtune.redteaming import ATTACKS, DEFAULT_OBJECTIVES, redteam as run_redteam
 
     with StageProgress() as bar:
         result = run_redteam(model=model, attacks=attacks or ATTACKS,

