@@ -37,10 +37,15 @@ def run(name: str, settings: dict, out_root: Path, results: Path, model: str, k:
 
     out = out_root / name
     started = time.perf_counter()
-    aligned = guardtune.align(model=model, out=out, policy="default", **settings)
-    align_s = time.perf_counter() - started
+    metrics_path = out / "align_metrics.json"
+    if metrics_path.is_file():  # trained already (an interrupted sweep point): audit it again
+        metrics = json.loads(metrics_path.read_text())
+        adapter_dir, steps, align_s = out / "adapter", metrics["steps"], metrics["wall_time_s"]
+    else:
+        aligned = guardtune.align(model=model, out=out, policy="default", **settings)
+        adapter_dir, steps, align_s = aligned.adapter_dir, aligned.metrics["steps"], time.perf_counter() - started
     started = time.perf_counter()
-    report = audit(model=model, adapter=aligned.adapter_dir, policy="default", out=out / "audit",
+    report = audit(model=model, adapter=adapter_dir, policy="default", out=out / "audit",
                    harmful_set=str(out / "holdout_harmful.jsonl"), prefix_source="dataset",
                    benign_set=str(out / "holdout_benign.jsonl"), prefill_k=k, max_new_tokens=max_new_tokens,
                    kl_positions=32).report
@@ -56,7 +61,7 @@ def run(name: str, settings: dict, out_root: Path, results: Path, model: str, k:
         "kl": {"t1": kl[0], "t2_5": sum(kl[1:5]) / 4, "t6_32": sum(kl[5:]) / len(kl[5:])},
         "n": {"harmful": report["sample"]["harmful"], "benign": report["sample"]["benign"],
               "utility": report["sample"]["utility"]},
-        "steps": aligned.metrics["steps"], "align_s": round(align_s, 1), "audit_s": round(audit_s, 1),
+        "steps": steps, "align_s": round(align_s, 1), "audit_s": round(audit_s, 1),
         "max_new_tokens": max_new_tokens,
     }
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from .policy import Policy
 
 ALIGN_CACHE_FORMAT = 1  # bump when cached answers change meaning
 MIN_HARMFUL_ANSWER_TOKENS = 8
+RECOVERY_BREAK = "\n\n"  # what a recovery example puts between the cut-off harmful prefix and the refusal
 Progress = Callable[[str, int, int], None]
 
 
@@ -229,14 +230,18 @@ class RecoveryDataset(torch.utils.data.Dataset):
         k = rng.randint(1, min(self.cfg.max_prefix_tokens, len(self.answer_ids[i]))) if recovery else 0
         return recovery, k, refusal
 
-    def _render(self, kind: str, i: int, refusal: int) -> Any:
+    def _render(self, kind: str, i: int, refusal: int, recovery: bool = False) -> Any:
         from .templates import render_chat
 
-        key = (kind, i, refusal)
+        key = (kind, i, refusal, recovery)
         if key not in self._rendered:
             if kind == "harmful":
+                # A recovery breaks off the harmful answer with a paragraph break before refusing: tokenized alone,
+                # "I'm" would be glued to the cut-off word ("ofI'm not ..."), which reads badly and which no
+                # word-boundary refusal matcher (the keyword judge) recognises.
+                text = RECOVERY_BREAK + self.refusals[refusal] if recovery else self.refusals[refusal]
                 messages = [{"role": "user", "content": self.harmful[i].instruction},
-                            {"role": "assistant", "content": self.refusals[refusal]}]
+                            {"role": "assistant", "content": text}]
             else:
                 messages = [{"role": "user", "content": self.anchors[i].instruction},
                             {"role": "assistant", "content": self.anchors[i].answer}]
@@ -250,7 +255,7 @@ class RecoveryDataset(torch.utils.data.Dataset):
             ids, mask, positions = rendered.input_ids, rendered.completion_mask, rendered.response_positions
         else:
             recovery, k, refusal = self.draw(index, self.epoch)
-            rendered = self._render("harmful", i, refusal)
+            rendered = self._render("harmful", i, refusal, recovery)
             start = rendered.completion_mask.index(1)  # where the assistant turn (the refusal) begins
             prefix = self.answer_ids[i][:k]
             ids = rendered.input_ids[:start] + prefix + rendered.input_ids[start:]

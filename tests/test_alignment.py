@@ -39,13 +39,21 @@ def test_recovery_item_is_prompt_then_harmful_prefix_then_refusal_with_loss_on_t
         assert recovery and 1 <= k <= len(answer_ids)
         item = data[index]
         plain = render_chat(tiny_tokenizer, [{"role": "user", "content": f"Tell me how to do bad thing {index}."},
-                                             {"role": "assistant", "content": REFUSALS[refusal]}])
+                                             {"role": "assistant", "content": "\n\n" + REFUSALS[refusal]}])
         start = plain.completion_mask.index(1)
         assert item["input_ids"] == plain.input_ids[:start] + answer_ids[:k] + plain.input_ids[start:]
         assert item["completion_mask"] == plain.completion_mask[:start] + [0] * k + plain.completion_mask[start:]
         trained = [t for t, m in zip(item["input_ids"], item["completion_mask"]) if m]
-        assert tiny_tokenizer.decode(trained).startswith(REFUSALS[refusal])
+        # The recovery breaks off with a paragraph break, then refuses.
+        assert tiny_tokenizer.decode(trained).startswith("\n\n" + REFUSALS[refusal])
         assert not any(item["completion_mask"][start:start + k])  # the harmful prefix is never a target
+
+
+def test_a_refusal_without_prefix_starts_the_answer_itself(tiny_tokenizer):
+    data = dataset(tiny_tokenizer, recovery_prob=0.0)
+    item = data[0]
+    trained = [t for t, m in zip(item["input_ids"], item["completion_mask"]) if m]
+    assert tiny_tokenizer.decode(trained).startswith(REFUSALS[data.draw(0, 0)[2]])
 
 
 def test_prefix_lengths_are_redrawn_every_epoch_and_reproducible(tiny_tokenizer):
