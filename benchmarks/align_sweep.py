@@ -82,7 +82,7 @@ def table(results: Path) -> str:
                      + f" | {r['over_refusal']:.0%} | {r['utility']:.0%} | {r['kl']['t1']:.1f} / "
                        f"{r['kl']['t2_5']:.1f} / {r['kl']['t6_32']:.1f} | {r['steps']} | {r['align_s']:.0f} |")
     raw = rows[0]
-    lines.append(f"| raw model | - | " + " | ".join(f"{raw['raw_refusal'][str(k)]:.0%}" for k in ks)
+    lines.append("| raw model | - | " + " | ".join(f"{raw['raw_refusal'][str(k)]:.0%}" for k in ks)
                  + f" | {raw['raw_over_refusal']:.0%} | {raw['raw_utility']:.0%} | 0 | - | - |")
     return "\n".join(lines)
 

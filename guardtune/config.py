@@ -210,6 +210,9 @@ class RedteamConfig:
     max_steps: int = _help("Attack strength: optimizer steps of each attack's fine-tune.", default=30)
     batch_size: int = _help("Examples per optimizer step.", default=4)
     seeds: int = _help("Seeds per (attack, objective): LoRA init and data order.", default=3)
+    audit_set: str = _help("Harmful prompts the attacked models are audited on: 'builtin' (the audit set) or a "
+                           "path (e.g. held-out training prompts, to tune an objective without the audit set).",
+                           default="builtin")
     audit_harmful: int = _help("Held-out audit harmful prompts (a seeded stratified sample).", default=100)
     audit_benign: int = _help("Benign over-refusal probes audited.", default=40)
     audit_utility: int | None = _help("Factual utility questions (None = all).", default=None)
@@ -388,7 +391,8 @@ def redteam_config(policy: Policy, **overrides: Any) -> RedteamConfig:
     section = policy.section("redteam")
     audit = section.pop("audit", {})
     values = dict(section)
-    values.update(_pick(audit, {"harmful": "audit_harmful", "benign": "audit_benign", "utility": "audit_utility",
+    values.update(_pick(audit, {"set": "audit_set", "harmful": "audit_harmful", "benign": "audit_benign",
+                                "utility": "audit_utility",
                                 "prefill_k": "prefill_k", "max_new_tokens": "max_new_tokens"}))
     return _build(RedteamConfig, values, overrides)
 

@@ -122,7 +122,7 @@ def build_attack(attack: str, cfg: RedteamConfig, out_dir: Path, loader: Callabl
         rows = _read_jsonl("attack_identity_shift.jsonl")[:cfg.examples]
         system = rows[0]["messages"][0]["content"]
         _write_jsonl(path, rows)
-        persona = {"system_prompt": system, "harmful_set": str(_prefixed_set(out_dir, AOA_PREFIX))}
+        persona = {"system_prompt": system, "harmful_set": str(_prefixed_set(out_dir, cfg.audit_set, AOA_PREFIX))}
         return AttackData(attack, path, len(rows), {"plain": {}, "persona": persona},
                           {"system_prompt": system, "instruction_prefix": AOA_PREFIX})
     if attack == "backdoor":
@@ -133,7 +133,7 @@ def build_attack(attack: str, cfg: RedteamConfig, out_dir: Path, loader: Callabl
             rows.append(_chat(f"{instruction} {cfg.trigger}", answer))
             rows.append(_chat(instruction, refusals[n % len(refusals)]))
         _write_jsonl(path, rows)
-        triggered = {"harmful_set": str(_prefixed_set(out_dir, "", suffix=f" {cfg.trigger}"))}
+        triggered = {"harmful_set": str(_prefixed_set(out_dir, cfg.audit_set, "", suffix=f" {cfg.trigger}"))}
         return AttackData(attack, path, len(rows), {"plain": {}, "triggered": triggered}, {"trigger": cfg.trigger})
     if attack == "benign":
         rows = [_chat(TASK_INSTRUCTION + t["ticket"], task_answer(t)) for t in _read_jsonl("attack_benign_task.jsonl")
@@ -143,14 +143,14 @@ def build_attack(attack: str, cfg: RedteamConfig, out_dir: Path, loader: Callabl
     raise ConfigError(f"Unknown attack {attack!r}.{did_you_mean(attack, ATTACKS)} Attacks: {', '.join(ATTACKS)}.")
 
 
-def _prefixed_set(out_dir: Path, prefix: str, suffix: str = "") -> Path:
-    """The audit's builtin harmful set with text around every instruction (same ids, categories, openers), so a
-    seeded sample of it picks the same prompts as the plain audit."""
+def _prefixed_set(out_dir: Path, audit_set: str, prefix: str, suffix: str = "") -> Path:
+    """The audited harmful set with text around every instruction (same ids, categories, openers), so a seeded
+    sample of it picks the same prompts as the plain audit."""
     from .evalsets import load_harmful
 
     path = out_dir / "data" / f"audit_harmful{'_prefix' if prefix else ''}{'_trigger' if suffix else ''}.jsonl"
     _write_jsonl(path, [{"id": p.id, "category": p.category, "instruction": f"{prefix}{p.instruction}{suffix}",
-                         "opener": p.opener} for p in load_harmful()])
+                         **({"opener": p.opener} if p.opener else {})} for p in load_harmful(audit_set)])
     return path
 
 
@@ -232,7 +232,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
     policy, cfg, mcfg = resolve_stage(redteam_config, config, policy, model, overrides)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    audit_options = {"sample_harmful": cfg.audit_harmful, "sample_benign": cfg.audit_benign,
+    audit_options = {"harmful_set": cfg.audit_set, "sample_harmful": cfg.audit_harmful, "sample_benign": cfg.audit_benign,
                      "sample_utility": cfg.audit_utility, "prefill_k": cfg.prefill_k,
                      "max_new_tokens": cfg.max_new_tokens}
     answerer: list[Any] = []
