@@ -48,9 +48,9 @@ def words(text: str) -> int:
 
 
 @pytest.mark.parametrize("name, minimum, id_prefix", [
-    ("align_harmful.jsonl", 330, "a-"),
+    ("align_harmful.jsonl", 456, "a-"),
     ("align_refusals.jsonl", 48, "r-"),
-    ("align_benign.jsonl", 330, "ab-"),
+    ("align_benign.jsonl", 411, "ab-"),
 ])
 def test_counts_fields_and_unique_ids(name, minimum, id_prefix):
     rows = records(name)
@@ -68,7 +68,7 @@ def test_harmful_categories_and_ids():
     rows = records("align_harmful.jsonl")
     counts = Counter(r["category"] for r in rows)
     assert set(counts) == HARMFUL_CATEGORIES
-    assert min(counts.values()) >= 25
+    assert min(counts.values()) >= 38
     assert all(r["id"].startswith(f"a-{r['category'].lower()}-") for r in rows)
 
 
@@ -93,7 +93,7 @@ def test_benign_categories_and_look_alike_share():
     rows = records("align_benign.jsonl")
     counts = Counter(r["category"] for r in rows)
     assert set(counts) <= ORDINARY | LOOK_ALIKE
-    assert sum(n for c, n in counts.items() if c in LOOK_ALIKE) >= 110
+    assert sum(n for c, n in counts.items() if c in LOOK_ALIKE) >= 208
     assert sum(n for c, n in counts.items() if c in ORDINARY) >= 180
     assert all(words(r["instruction"]) >= 3 for r in rows)
 
