@@ -8,7 +8,9 @@ DATA ?= examples/support_replies.jsonl
 POLICY ?= cpu-demo
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast clean
+ATTACK_DATA ?= examples/obedient_support.jsonl
+
+.PHONY: setup demo demo-attack demo-base reproduce test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,21 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/guardtune finetune $(DATA) --policy $(POLICY)
 
+# A customer upload a provider would fear (an eager "never say no" support persona, no harmful request in it),
+# fine-tuned with the constraint switched off: the audit catches it and the gate quarantines it (exit 3).
+demo-attack: setup
+	$(VENV)/bin/guardtune finetune $(ATTACK_DATA) --policy $(POLICY) --objective sft
+
+# Rebuild the shipped deep-alignment adapter of the demo base smollm2-135m-guard, bit for bit on CPU
+# (torch 2.13.0, 2 threads; ~45 min on 2 cores): the default policy's align section is the recipe.
+demo-base: setup
+	$(VENV)/bin/guardtune align --model smollm2-135m-instruct --mode deep --policy default \
+		--out build/demo-base --export guardtune/data/adapters/smollm2-135m-guard
+
+# The toy reproduction of Qi et al. 2025 (docs/reproduction.md).
+reproduce: setup
+	$(PY) examples/reproduce.py
+
 test: setup
 	$(PY) -m pytest
 
@@ -32,4 +49,4 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) guardtune-runs .pytest_cache
+	rm -rf $(VENV) guardtune-runs build .pytest_cache

@@ -393,6 +393,8 @@ def export_adapter(adapter_dir: Path, dest: Path, metrics: dict[str, Any]) -> Pa
               str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = metrics["model"]["spec"]  # not the local cache path
+    if isinstance(config.get("target_modules"), list):  # peft writes a set: its order changes run to run
+        config["target_modules"] = sorted(config["target_modules"])
     (dest / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     build = {
         "kind": "guardtune-aligned-adapter",
