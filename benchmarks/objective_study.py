@@ -6,6 +6,11 @@ set. Appends one row per seed to RESULTS (JSON lines); --table prints the Markdo
     python benchmarks/objective_study.py --name anchor5 --model DIR --attack harmful --objective constrained \\
         --set kl_anchor_positions=5 --set kl_anchor_weight=1
     python benchmarks/objective_study.py --table
+    python benchmarks/objective_study.py --plot sft-lr2e-4,paper-lr2e-4 --svg docs/objective   # per-position SVGs
+
+--plot draws, for the named runs (seed 0): the attacked model's KL to the base per response position on harmful
+answers (from each run's audit report), and the per-step rise of log p(target) over the reference at t = 1 and
+t = 2..5 (from train_metrics' position_stats; SFT runs have no reference pass and so no rise trace).
 """
 
 from __future__ import annotations
@@ -55,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", default="0")
     parser.add_argument("--out", type=Path, default=Path("runs/objective"))
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--plot", help="comma-separated run names to draw (with --svg)")
+    parser.add_argument("--svg", type=Path, help="output prefix: PREFIX-kl.svg and PREFIX-rise.svg")
     args = parser.parse_args(argv)
     if args.table:
         print(table())
+        return 0
+    if args.plot:
+        for path in plot(args.plot.split(","), args.svg or Path("runs/objective/plot"), args.out):
+            print(path)
         return 0
     import guardtune
 
@@ -104,6 +115,33 @@ def table() -> str:
                      f"| {r['steps']} | {r['seed']} | {settings} | {r['base'][label]['0']:.0%} | "
                      f"{r[label]['asr']['0']:.0%} | {'-' if utility is None else f'{utility:.0%}'} | {w} | {rise} |")
     return "\n".join(lines)
+
+
+def plot(names: list[str], prefix: Path, out: Path) -> list[Path]:
+    from guardtune.report import line_chart
+
+    rows = {}
+    for line in RESULTS.read_text().splitlines():
+        row = json.loads(line) if line.strip() else None
+        if row and row["seed"] == 0:
+            rows[row["name"]] = row
+    kl_series, rise_series = [], []
+    for name in names:
+        row = rows[name]
+        report = out / name / row["attack"] / row["objective"] / "seed0" / "audit-plain" / "report.json"
+        profile = json.loads(report.read_text())["results"]["finetuned"]["kl_profile"]
+        kl_series.append((name, list(zip(profile["positions"], profile["mean_kl"]))))
+        stats = row["train"].get("position_stats") or []
+        for bucket, label in (("t1", "t=1"), ("t2_5", "t=2..5")):
+            if stats:
+                rise_series.append((f"{name} {label}", [(s["step"], s[bucket]["rise"]) for s in stats]))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = [prefix.with_name(prefix.name + "-kl.svg"), prefix.with_name(prefix.name + "-rise.svg")]
+    paths[0].write_text(line_chart("KL(attacked || base) per response position on harmful answers",
+                                   kl_series, "response token position", "KL (nats)") + "\n", encoding="utf-8")
+    paths[1].write_text(line_chart("Rise of log p(harmful target) over the reference during the attack",
+                                   rise_series, "training step", "nats") + "\n", encoding="utf-8")
+    return paths
 
 
 if __name__ == "__main__":

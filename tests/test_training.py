@@ -258,7 +258,7 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
                                                        {"role": "assistant", "content": FIXED_ANSWER}]})
                               for q in QUESTIONS) + "\n")
     kl = {}
-    for objective in ("sft", "constrained"):
+    for objective in ("sft", "paper"):  # Eq. 3 alone: the default's KL anchor would only widen the gap
         result = train(data, model="smollm2-135m-instruct", out=tmp_path / objective, objective=objective,
                        max_steps=16, batch_size=4, learning_rate=3e-4, warmup_steps=2)
         loaded = load_model("smollm2-135m-instruct")
@@ -267,7 +267,7 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
         targets = [_Target(None, render_prompt(tok, [{"role": "user", "content": q}]), response_ids(tok, FIXED_ANSWER))
                    for q in HELD_OUT]
         kl[objective] = kl_profile(model, targets, positions=8, batch_size=4, pad_id=tok.pad_token_id)["mean_kl"]
-    sft, constrained = kl["sft"], kl["constrained"]
+    sft, constrained = kl["sft"], kl["paper"]
     assert sft[0] > 1.0, kl  # SFT really moved the first token
     assert sft[0] > 3 * constrained[0], kl
     assert sum(sft[:5]) > 3 * sum(constrained[:5]), kl
