@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -126,15 +127,18 @@ def plot(names: list[str], prefix: Path, out: Path) -> list[Path]:
         if row and row["seed"] == 0:
             rows[row["name"]] = row
     kl_series, rise_series = [], []
+    prefix_len = len(os.path.commonprefix(names)) if len(names) > 1 else 0
+    suffix_len = len(os.path.commonprefix([n[::-1] for n in names])) if len(names) > 1 else 0
     for name in names:
         row = rows[name]
+        label = name[prefix_len:len(name) - suffix_len] or name  # legend: what differs between the runs
         report = out / name / row["attack"] / row["objective"] / "seed0" / "audit-plain" / "report.json"
         profile = json.loads(report.read_text())["results"]["finetuned"]["kl_profile"]
-        kl_series.append((name, list(zip(profile["positions"], profile["mean_kl"]))))
+        kl_series.append((label, list(zip(profile["positions"], profile["mean_kl"]))))
         stats = row["train"].get("position_stats") or []
-        for bucket, label in (("t1", "t=1"), ("t2_5", "t=2..5")):
+        for bucket, where in (("t1", "t=1"), ("t2_5", "t=2..5")):
             if stats:
-                rise_series.append((f"{name} {label}", [(s["step"], s[bucket]["rise"]) for s in stats]))
+                rise_series.append((f"{label} {where}", [(s["step"], s[bucket]["rise"]) for s in stats]))
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = [prefix.with_name(prefix.name + "-kl.svg"), prefix.with_name(prefix.name + "-rise.svg")]
     paths[0].write_text(line_chart("KL(attacked || base) per response position on harmful answers",
