@@ -78,7 +78,8 @@ def test_the_quarantine_example_exits_3_naming_the_rule_and_the_stage(embedded_c
     result = CliRunner().invoke(main, ["finetune", str(data), "--policy", "cpu-demo", "--objective", "sft",
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 3, result.output
-    assert "QUARANTINED" in result.output and "caught by: the audit, at the gate stage" in result.output
+    assert "verdict: REJECT  (quarantined)" in result.output
+    assert "caught by: the audit, at the gate stage (policy cpu-demo" in result.output
     run = tmp_path / "run"
     gate = json.loads(next(run.rglob("gate.json")).read_text(encoding="utf-8"))
     assert gate["verdict"] == "reject" and any(not rule["passed"] for rule in gate["rules"])
