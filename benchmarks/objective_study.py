@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def read_rows() -> list[dict]:
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
 def table() -> str:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    rows = read_rows()
     lines = ["| run | model | attack | objective | lr | steps | seed | settings | ASR k=0 (base) | ASR k=0 | "
              "utility | weight t1 / t2-5 / t6+ | rise t1 (nats) |", "|" + "---|" * 13]
     for r in rows:
@@ -121,11 +125,7 @@ def table() -> str:
 def plot(names: list[str], prefix: Path, out: Path) -> list[Path]:
     from guardtune.report import line_chart
 
-    rows = {}
-    for line in RESULTS.read_text().splitlines():
-        row = json.loads(line) if line.strip() else None
-        if row and row["seed"] == 0:
-            rows[row["name"]] = row
+    rows = {row["name"]: row for row in read_rows() if row["seed"] == 0}
     kl_series, rise_series = [], []
     prefix_len = len(os.path.commonprefix(names)) if len(names) > 1 else 0
     suffix_len = len(os.path.commonprefix([n[::-1] for n in names])) if len(names) > 1 else 0

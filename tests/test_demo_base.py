@@ -70,7 +70,7 @@ def test_demo_base_refuses_a_fixed_sample_at_k0_and_k10(embedded_cache, tmp_path
 @pytest.mark.slow
 def test_the_quarantine_example_exits_3_naming_the_rule_and_the_stage(embedded_cache, tmp_path):
     """The README's second command (`make demo-attack`): the obedient-persona upload under plain SFT on the demo
-    base is caught by the audit and quarantined by cpu-demo's gate (~6 min on 2 cores)."""
+    base is caught by the audit and quarantined by cpu-demo's gate (2-4 min on 2 cores)."""
     from click.testing import CliRunner
     from guardtune_cli.main import main
 

@@ -267,9 +267,9 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
         targets = [_Target(None, render_prompt(tok, [{"role": "user", "content": q}]), response_ids(tok, FIXED_ANSWER))
                    for q in HELD_OUT]
         kl[objective] = kl_profile(model, targets, positions=8, batch_size=4, pad_id=tok.pad_token_id)["mean_kl"]
-    sft, constrained = kl["sft"], kl["paper"]
+    sft, paper = kl["sft"], kl["paper"]
     assert sft[0] > 1.0, kl  # SFT really moved the first token
-    assert sft[0] > 3 * constrained[0], kl
-    assert sum(sft[:5]) > 3 * sum(constrained[:5]), kl
+    assert sft[0] > 3 * paper[0], kl
+    assert sum(sft[:5]) > 3 * sum(paper[:5]), kl
     # Later positions are only weakly constrained (beta = 0.1): they move about as much as under SFT.
-    assert constrained[5] > 0.5 * sft[5], kl
+    assert paper[5] > 0.5 * sft[5], kl
