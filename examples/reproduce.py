@@ -71,7 +71,8 @@ def markdown(result: dict, kl_svg: str, asr_svg: str, redteam_md: str, settings:
     ks = sorted({k for row in result["prefill"].values() for k in row}, key=int)
     lines = ["# A toy reproduction of Qi et al. 2025 on 2 CPU cores", "",
              f"Produced by `python examples/reproduce.py` in {result['wall_s'] / 60:.0f} min "
-             f"({result['seeds']} seeds, {result['n_prompts']} held-out audit prompts, keyword judge). "
+             f"({result['seeds']} seed{'s' if result['seeds'] != 1 else ''}, {result['n_prompts']} held-out audit "
+             "prompts, keyword judge). "
              "Model: SmolLM2-135M-Instruct (raw: not aligned). Numbers are attack success rates (ASR), the share "
              "of continuations without a refusal phrase; lower is safer. The exact numbers are in "
              "`docs/reproduction.json`.", "",
@@ -92,7 +93,8 @@ def markdown(result: dict, kl_svg: str, asr_svg: str, redteam_md: str, settings:
         lines.append(f"| {attack} | {ATTACK_CONDITION[attack]} | {row['base']:.0%} | {row.get('sft', 0):.0%} | "
                      f"{row.get('constrained', 0):.0%} | {row.get('utility_sft', 0):.0%} | "
                      f"{row.get('utility_constrained', 0):.0%} |")
-    lines += ["", "Utility: factual-probe accuracy (72 questions); benign attack: exact match on the triage task's "
+    lines += ["", "Utility: factual-probe accuracy (a seeded sample of the 72 questions); benign attack: exact match "
+              "on the triage task's "
               "100 held-out tickets.", "", "### Every run (red-team table, mean ± std over seeds)", "",
               redteam_md.split("\n", 2)[2], "", "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
@@ -109,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=100, help="held-out audit prompts (>= 100 for the claim)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--shallow-steps", type=int, default=60,
+                        help="optimizer steps of the shallow alignment (it reaches its k=0 refusal early)")
+    parser.add_argument("--audit-benign", type=int, default=24, help="over-refusal probes per attacked model")
+    parser.add_argument("--audit-utility", type=int, default=36, help="factual questions per attacked model")
+    parser.add_argument("--attack-steps", type=int, default=None,
+                        help="optimizer steps of each attack (default: the redteam setting, 30)")
     parser.add_argument("--attacks", default="harmful,identity-shift,backdoor,benign")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs")
@@ -119,21 +127,31 @@ def main(argv: list[str] | None = None) -> int:
     from guardtune.report import line_chart
 
     started = time.perf_counter()
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {phase} {done}/{total}", flush=True)
+
     args.out.mkdir(parents=True, exist_ok=True)
     shallow = guardtune.align(model=args.raw_model, mode="shallow", out=args.out / "align-shallow",
-                              policy=args.policy)
+                              policy=args.policy, max_steps=args.shallow_steps, progress=progress)
     if args.retrain_deep:
         deep_adapter = guardtune.align(model=args.raw_model, mode="deep", out=args.out / "align-deep",
-                                       policy=args.policy).adapter_dir
+                                       policy=args.policy, progress=progress).adapter_dir
     else:
         deep_adapter = args.deep_adapter or adapter_path(args.deep_model)
     ks = (0, 5, 10, 20)
+    print(f"[{(time.perf_counter() - started) / 60:5.1f} min] Table A: prefilling attack on raw, shallow, deep",
+          flush=True)
     prefill, kl = table_a(args.raw_model, {"shallow": shallow.adapter_dir, "deep": deep_adapter}, args.policy,
                           args.out, args.prompts, ks, args.max_new_tokens)
     attacks = [a for a in args.attacks.split(",") if a]
     redteam = guardtune.redteam(model=args.deep_model, attacks=attacks, objectives=("sft", "constrained"),
                                 out=args.out / "redteam", policy=args.policy, seeds=args.seeds,
-                                audit_harmful=args.prompts, prefill_k=(0,), max_new_tokens=args.max_new_tokens)
+                                audit_harmful=args.prompts, audit_benign=args.audit_benign,
+                                audit_utility=args.audit_utility, prefill_k=(0,), max_new_tokens=args.max_new_tokens,
+                                progress=progress,
+                                **({"max_steps": args.attack_steps} if args.attack_steps else {}))
     over_refusal = prefill.pop("_over_refusal")
     result = {"prefill": prefill, "attacks": table_b(redteam.summary), "seeds": args.seeds,
               "n_prompts": args.prompts, "wall_s": round(time.perf_counter() - started, 1)}
@@ -142,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     kl_svg = line_chart("KL(aligned || raw) per response position on harmful answers",
                         [(name, points) for name, points in kl.items()], "response token position", "KL (nats)")
     asr_svg = line_chart("Prefilling attack: ASR vs prefilled harmful tokens k",
-                         [(name, [(int(k), v) for k, v in prefill[name].items()]) for name in ("raw", "shallow", "deep")],
+                         [(name, [(int(k), v) for k, v in prefill[name].items()])
+                          for name in ("raw", "shallow", "deep")],
                          "prefilled harmful tokens k", "ASR", percent=True, categorical_x=True)
     (args.docs / "reproduction-kl.svg").write_text(kl_svg + "\n", encoding="utf-8")
     (args.docs / "reproduction-asr.svg").write_text(asr_svg + "\n", encoding="utf-8")

@@ -80,6 +80,14 @@ class TrainConfig:
                                     default=1.0)
     kl_anchor_topk: int = _help("Reference tokens kept per anchored position (the rest is one tail bucket).",
                                 default=64)
+    constraint_scope: str = _help("Which examples get the strong early-token constraint (betas for t = 1..len(betas) "
+                                  "and the KL anchor). all: every example (the paper). refused: only examples whose "
+                                  "prompt the reference itself refuses (a greedy probe of scope_probe_tokens tokens, "
+                                  "keyword refusal phrases); the others get beta_tail at every position and no "
+                                  "anchor, so a task that changes the first response tokens can be learned. "
+                                  "docs/objective.md measures what each costs.", default="all")
+    scope_probe_tokens: int = _help("refused scope: tokens the reference writes per prompt for the refusal probe.",
+                                    default=24)
     quantization: str = _help("none (LoRA on the full-precision base) or nf4 (QLoRA, bitsandbytes).", default="none")
     lora_r: int = _help("LoRA rank.", default=16)
     lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", default=32)
@@ -109,6 +117,10 @@ class TrainConfig:
             raise ConfigError(f"training.objective is {self.objective!r}; use constrained, paper or sft.")
         if self.kl_anchor_positions < 0 or self.kl_anchor_weight < 0 or self.kl_anchor_topk < 1:
             raise ConfigError("training.kl_anchor needs positions >= 0, weight >= 0 and topk >= 1.")
+        if self.constraint_scope not in ("all", "refused"):
+            raise ConfigError(f"training.constraint_scope is {self.constraint_scope!r}; use all or refused.")
+        if self.scope_probe_tokens < 1:
+            raise ConfigError(f"training.scope_probe_tokens is {self.scope_probe_tokens}; use at least 1.")
         if self.reference not in ("cached", "online"):
             raise ConfigError(f"training.reference is {self.reference!r}; use cached or online.")
         if self.quantization not in ("none", "nf4"):

@@ -44,6 +44,17 @@ def position_betas(response_positions: torch.Tensor, betas: Sequence[float] | to
     return torch.where((t >= 1) & (t <= table.numel()), explicit, explicit.new_full((), float(tail)))
 
 
+def scoped_positions(response_positions: torch.Tensor, early: torch.Tensor, n_early: int) -> torch.Tensor:
+    """The positions whose beta_t is looked up (position_betas) when only some examples get the early constraint:
+    t itself where `early` is true, t moved past the n_early explicit betas where it is false (so those tokens get
+    the tail beta at every position); t = 0 (not a response token) stays 0.
+
+    response_positions and early: broadcastable integer / bool tensors."""
+    t = response_positions.long()
+    late = torch.where(t >= 1, t + n_early, t)
+    return torch.where(early.bool(), t, late)
+
+
 def _chunk_logps(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
                  softcap: float | None) -> torch.Tensor:
     logits = head(hidden).float()

@@ -120,6 +120,34 @@ def anchored_logits(hidden: torch.Tensor, index: torch.Tensor, unwrapped: torch.
 
 # --- data ----------------------------------------------------------------------------------------------------
 
+def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict], *, max_new_tokens: int,
+                       batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list[bool]:
+    """Whether the reference model refuses each example's prompt (constraint_scope 'refused'): its greedy
+    continuation of everything before the example's first trained response token, judged by the keyword judge's
+    refusal phrases. Identical prompts are generated once."""
+    from .generation import generate
+    from .judges import is_refusal
+
+    prompts = [tuple(e["input_ids"][:e["completion_mask"].index(1)]) for e in examples]
+    unique = list(dict.fromkeys(prompts))
+    done = [0]
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], len(unique))
+
+    was_training = model.training
+    model.eval()
+    try:
+        replies = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, on_batch=on_batch)
+    finally:
+        model.train(was_training)
+    refused = {p: is_refusal(tokenizer.decode(r, skip_special_tokens=True)) for p, r in zip(unique, replies)}
+    return [refused[p] for p in prompts]
+
+
 def _render_examples(tokenizer: Any, records: Iterable[tuple[int, list[dict]]], max_length: int) -> list[dict]:
     from .templates import render_chat
 
@@ -166,12 +194,14 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
     batch["shift_labels"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     if "ref_logps" in examples[0]:
         batch["ref_logps"] = pad("ref_logps", 0.0, torch.float32)
+    if "early_constraint" in examples[0]:
+        batch["early_constraint"] = torch.tensor([int(e["early_constraint"]) for e in examples], dtype=torch.long)
     if "anchor_index" in examples[0]:
         width = max(1, max(len(e["anchor_index"]) for e in examples))
         batch["anchor_index"] = torch.tensor([e["anchor_index"] + [-1] * (width - len(e["anchor_index"]))
                                               for e in examples], dtype=torch.long)
         if "ref_topk_ids" in examples[0]:
-            k = len(examples[0]["ref_topk_ids"][0]) if examples[0]["ref_topk_ids"] else 1
+            k = next((len(e["ref_topk_ids"][0]) for e in examples if e["ref_topk_ids"]), 1)
             for key, fill, dtype in (("ref_topk_ids", 0, torch.long), ("ref_topk_logps", 0.0, torch.float32)):
                 batch[key] = torch.tensor([e[key] + [[fill] * k] * (width - len(e[key])) for e in examples],
                                           dtype=dtype)
@@ -329,7 +359,11 @@ class GuardedTrainer(Trainer):
             else:
                 ref_logps = inputs["ref_logps"][:, 1:][select].to(policy_logps.dtype)
             positions = inputs["response_positions"][:, 1:][select]
-            betas = losses.position_betas(positions, cfg.betas, cfg.beta_tail)
+            beta_positions = positions
+            if "early_constraint" in inputs:
+                early = inputs["early_constraint"][:, None].expand_as(select)[select]
+                beta_positions = losses.scoped_positions(positions, early, len(cfg.betas))
+            betas = losses.position_betas(beta_positions, cfg.betas, cfg.beta_tail)
             loss = losses.constrained_loss(policy_logps, ref_logps, ones, betas, num_items_in_batch)
             self._track_weights(losses.constraint_weights(policy_logps.detach(), ref_logps, betas), positions,
                                 policy_logps.detach() - ref_logps)
@@ -468,14 +502,26 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     tokenizer, info = loaded.tokenizer, loaded.info
     examples = _render_examples(tokenizer, iter_records(dataset, report), cfg.max_length)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
+                                      "kl_anchor_positions": cfg.kl_anchor,
+                                      "constraint_scope": cfg.constraint_scope if cfg.uses_reference else None}
+    if cfg.uses_reference and cfg.constraint_scope == "refused":
+        probe_started = time.perf_counter()
+        refused = reference_refusals(loaded.model, tokenizer, examples, max_new_tokens=cfg.scope_probe_tokens,
+                                     batch_size=max(cfg.batch_size, 8),
+                                     progress=(lambda d, t: progress("scope probe", d, t)) if progress else None)
+        for example, refuses in zip(examples, refused):
+            example["early_constraint"] = refuses
+        reference_info["scope_probe"] = {"refused": sum(refused), "examples": len(refused),
+                                         "seconds": round(time.perf_counter() - probe_started, 3)}
+        logger.info("constraint scope 'refused': the reference refuses %d of %d prompts; only those get the early "
+                    "constraint", sum(refused), len(refused))
     peft_model = attach_lora(loaded.model, cfg)
 
-    reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
-                                      "kl_anchor_positions": cfg.kl_anchor}
     if cfg.kl_anchor:
         for example in examples:
-            example["anchor_index"] = anchor_index(example["completion_mask"], example["response_positions"],
-                                                   cfg.kl_anchor)
+            example["anchor_index"] = (anchor_index(example["completion_mask"], example["response_positions"],
+                                                    cfg.kl_anchor) if example.get("early_constraint", True) else [])
     if cfg.uses_reference and cfg.reference == "cached":
         topk = cfg.kl_anchor_topk if cfg.kl_anchor else 0
         key = reference_cache_key(dataset_sha256, template_fingerprint(tokenizer), info.weights_sha256,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guardtune.losses import (beta_schedule, chunked_kl, constrained_loss, constraint_weights, per_token_kl,
-                              position_betas, reference_topk, sft_loss, token_logps, topk_kl)
+                              position_betas, reference_topk, scoped_positions, sft_loss, token_logps, topk_kl)
 
 
 def test_beta_schedule_matches_paper():
@@ -252,3 +252,15 @@ def test_reference_topk_returns_sorted_log_probs():
     ids, logps = reference_topk(_logits(5), 5)
     assert ids.shape == logps.shape == (6, 5) and ids.dtype == torch.long
     assert (logps[:, :-1] >= logps[:, 1:]).all() and (logps <= 0).all()
+
+
+def test_scoped_positions_give_the_tail_beta_to_examples_outside_the_scope():
+    """constraint_scope 'refused': tokens of in-scope examples keep their position, the others are moved past the
+    explicit betas so every one of their tokens gets beta_tail; t = 0 (not a response token) stays 0."""
+    positions = torch.tensor([[0, 1, 2, 3, 6], [0, 1, 2, 3, 6]])
+    early = torch.tensor([[True], [False]])
+    scoped = scoped_positions(positions, early, 5)
+    assert scoped.tolist() == [[0, 1, 2, 3, 6], [0, 6, 7, 8, 11]]
+    betas = position_betas(scoped, (0.5, 2.0, 2.0, 2.0, 2.0), 0.1)
+    assert betas[0, 1:].tolist() == pytest.approx([0.5, 2.0, 2.0, 0.1])
+    assert betas[1, 1:].tolist() == pytest.approx([0.1] * 4)

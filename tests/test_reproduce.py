@@ -30,7 +30,7 @@ def test_reproduce_writes_the_documented_shape(tiny_model_dir, tmp_path):
     docs = tmp_path / "docs"
     assert reproduce.main(["--raw-model", str(tiny_model_dir), "--deep-model", str(deep.merged_dir),
                            "--deep-adapter", str(deep.adapter_dir), "--policy", str(policy), "--seeds", "1",
-                           "--prompts", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "out"),
+                           "--prompts", "4", "--max-new-tokens", "4", "--shallow-steps", "2", "--out", str(tmp_path / "out"),
                            "--docs", str(docs)]) == 0
     result = json.loads((docs / "reproduction.json").read_text())
     assert set(result) == {"prefill", "attacks", "seeds", "n_prompts", "wall_s"}

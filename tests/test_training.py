@@ -273,3 +273,60 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
     assert sum(sft[:5]) > 3 * sum(paper[:5]), kl
     # Later positions are only weakly constrained (beta = 0.1): they move about as much as under SFT.
     assert paper[5] > 0.5 * sft[5], kl
+
+
+def test_refused_scope_probes_each_distinct_prompt_once(tiny_model_dir, monkeypatch):
+    """reference_refusals generates once per distinct prompt (everything before the first trained token) and
+    judges the reply by refusal phrases."""
+    import guardtune.generation
+    from guardtune.models import load_model
+    from guardtune.training import reference_refusals
+
+    loaded = load_model(str(tiny_model_dir))
+    tok = loaded.tokenizer
+    examples = [{"input_ids": [1, 2, 3, 9, 9], "completion_mask": [0, 0, 0, 1, 1]},
+                {"input_ids": [1, 2, 3, 8], "completion_mask": [0, 0, 0, 1]},
+                {"input_ids": [4, 5, 6, 7], "completion_mask": [0, 0, 1, 1]}]
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, **options):
+        seen.append([list(p) for p in prompts])
+        return [tok.encode("I'm sorry, but I can't help with that.") if p[0] == 1 else tok.encode("Sure, here")
+                for p in prompts]
+
+    monkeypatch.setattr(guardtune.generation, "generate", fake_generate)
+    assert reference_refusals(loaded.model, tok, examples, max_new_tokens=8) == [True, True, False]
+    assert seen == [[[1, 2, 3], [4, 5]]]
+
+
+def test_refused_scope_without_refusals_trains_like_eq3_with_the_tail_beta_everywhere(tiny_model_dir, data, tmp_path):
+    """A random tiny model refuses nothing, so under constraint_scope 'refused' no example gets the early betas
+    or the KL anchor: the run equals Eq. 3 with beta_tail at every position and no anchor, step for step."""
+    options = dict(model=str(tiny_model_dir), max_steps=2, batch_size=4, learning_rate=2e-2, warmup_steps=0)
+    scoped = train(data, out=tmp_path / "scoped", constraint_scope="refused", **KL_ANCHOR, **options)
+    flat = train(data, out=tmp_path / "flat", objective="paper", betas=(0.1,), beta_tail=0.1, **options)
+    probe = scoped.metrics["reference_detail"]["scope_probe"]
+    assert probe["refused"] == 0 and probe["examples"] == 12
+    assert scoped.metrics["reference_detail"]["constraint_scope"] == "refused"
+    assert "kl_anchor" not in scoped.metrics["position_stats"][-1]
+    for a, b in zip(scoped.metrics["loss_curve"], flat.metrics["loss_curve"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert_same_adapter(tmp_path / "scoped", tmp_path / "flat")
+
+
+def test_refused_scope_anchors_only_refused_examples(tiny_model_dir, tmp_path, monkeypatch):
+    """With some prompts refused, those examples carry the early betas and the anchor (the anchor grows from 0),
+    the others neither; batches mixing both collate (the cached top-k of anchor-less examples is empty)."""
+    import guardtune.training
+
+    monkeypatch.setattr(guardtune.training, "reference_refusals",
+                        lambda model, tokenizer, examples, **options: [i % 3 == 1 for i in range(len(examples))])
+    dataset = write_dataset(tmp_path / "data.jsonl")
+    result = train(dataset, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=3, batch_size=4,
+                   learning_rate=2e-2, warmup_steps=0, constraint_scope="refused", **KL_ANCHOR)
+    assert result.metrics["reference_detail"]["scope_probe"]["refused"] == 4
+    stats = result.metrics["position_stats"]
+    assert stats[0]["kl_anchor"] == pytest.approx(0.0, abs=1e-6) and stats[-1]["kl_anchor"] > 0
+    full = train(dataset, model=str(tiny_model_dir), out=tmp_path / "all", max_steps=3, batch_size=4,
+                 learning_rate=2e-2, warmup_steps=0, **KL_ANCHOR)
+    assert full.metrics["loss_curve"][0]["loss"] != pytest.approx(result.metrics["loss_curve"][0]["loss"], rel=1e-6)
