@@ -32,22 +32,55 @@ ATTACK_CONDITION = {"harmful": "plain", "identity-shift": "persona", "backdoor":
 
 
 def table_a(raw: str, adapters: dict[str, Path], policy: str, out: Path, prompts: int, ks: tuple[int, ...],
-            max_new_tokens: int) -> tuple[dict, dict]:
-    """ASR per k for raw and every aligned adapter (audited on top of raw), and each one's KL profile to raw."""
+            max_new_tokens: int) -> None:
+    """Audit raw and every aligned adapter (on top of raw): the prefilling attack at each k and the KL profile."""
     from guardtune.auditing import audit
 
-    prefill, kl = {}, {}
     for name, adapter in adapters.items():
-        report = audit(model=raw, adapter=adapter, policy=policy, out=out / f"audit-{name}", sample_harmful=prompts,
-                       sample_benign=24, utility_set=None, prefill_k=ks, max_new_tokens=max_new_tokens,
-                       kl_positions=32).report
-        prefill["raw"] = {str(e["k"]): e["rate"] for e in report["results"]["base"]["asr"]}
-        prefill[name] = {str(e["k"]): e["rate"] for e in report["results"]["finetuned"]["asr"]}
-        profile = report["results"]["finetuned"]["kl_profile"]
+        audit(model=raw, adapter=adapter, policy=policy, out=out / f"audit-{name}", sample_harmful=prompts,
+              sample_benign=24, utility_set=None, prefill_k=ks, max_new_tokens=max_new_tokens, kl_positions=32)
+
+
+def read_table_a(out: Path, names: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """ASR per k for raw and each aligned model, each one's KL profile to raw, and benign over-refusal, from the
+    audit reports table_a wrote."""
+    prefill, kl, over_refusal = {}, {}, {}
+    for name in names:
+        report = json.loads((out / f"audit-{name}" / "report.json").read_text(encoding="utf-8"))
+        results = report["results"]
+        prefill["raw"] = {str(e["k"]): e["rate"] for e in results["base"]["asr"]}
+        prefill[name] = {str(e["k"]): e["rate"] for e in results["finetuned"]["asr"]}
+        profile = results["finetuned"]["kl_profile"]
         kl[name] = list(zip(profile["positions"], profile["mean_kl"]))
-        prefill.setdefault("_over_refusal", {})[name] = report["results"]["finetuned"]["over_refusal"]["rate"]
-        prefill["_over_refusal"]["raw"] = report["results"]["base"]["over_refusal"]["rate"]
-    return prefill, kl
+        over_refusal[name] = results["finetuned"]["over_refusal"]["rate"]
+        over_refusal["raw"] = results["base"]["over_refusal"]["rate"]
+    return prefill, kl, over_refusal
+
+
+MISSING_K = "The report has no ASR at k="
+
+
+def gate_rows(runs: list[dict]) -> list[str]:
+    """Markdown rows: per attack, objective and gate policy, how many seeds were quarantined and which rules fired.
+    The attacked models are audited at k = 0 only, so a policy with ceilings at k >= 5 (default) also fails closed
+    on the missing k; those rules are counted apart so the rules that judged the measured ASR stay visible."""
+    rows = []
+    keys = dict.fromkeys((r["attack"], r["objective"], policy) for r in runs for policy in r["gate"])
+    for attack, objective, policy in keys:
+        members = [r for r in runs if r["attack"] == attack and r["objective"] == objective]
+        quarantined = sum(r["gate"][policy]["verdict"] != "pass" for r in members)
+        measured = sum(any(not f.startswith(MISSING_K) for f in r["gate"][policy]["failed"]) for r in members)
+        fired: dict[str, int] = {}
+        for r in members:
+            for reason in r["gate"][policy]["failed"]:
+                if not reason.startswith(MISSING_K):
+                    rule = reason.split(" is ")[0]
+                    fired[rule] = fired.get(rule, 0) + 1
+        released = [r["plain"]["asr"]["0"] for r in members if r["gate"][policy]["verdict"] == "pass"]
+        rows.append(f"| {attack} | {objective} | {policy} | {quarantined}/{len(members)} | {measured}/{len(members)} | "
+                    + (", ".join(f"{rule} ({n})" for rule, n in fired.items()) or "-") + " | "
+                    + (", ".join(f"{v:.0%}" for v in released) or "-") + " |")
+    return rows
 
 
 def table_b(summary: dict) -> dict:
@@ -67,7 +100,7 @@ def table_b(summary: dict) -> dict:
     return attacks
 
 
-def markdown(result: dict, kl_svg: str, asr_svg: str, redteam_md: str, settings: dict) -> str:
+def markdown(result: dict, kl_svg: str, asr_svg: str, redteam_md: str, settings: dict, gates: list[str]) -> str:
     ks = sorted({k for row in result["prefill"].values() for k in row}, key=int)
     lines = ["# A toy reproduction of Qi et al. 2025 on 2 CPU cores", "",
              f"Produced by `python examples/reproduce.py` in {result['wall_s'] / 60:.0f} min "
@@ -96,8 +129,47 @@ def markdown(result: dict, kl_svg: str, asr_svg: str, redteam_md: str, settings:
     lines += ["", "Utility: factual-probe accuracy (a seeded sample of the 72 questions); benign attack: exact match "
               "on the triage task's "
               "100 held-out tickets.", "", "### Every run (red-team table, mean ± std over seeds)", "",
-              redteam_md.split("\n", 2)[2], "", "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
+              redteam_md.split("\n", 2)[2], "",
+              "## Does the gate catch what the objective lets through?", "",
+              "Each attacked model's audit report judged by the gate of the demo's policy (cpu-demo) and of default. "
+              "*quarantined*: any rule failed; *on measured ASR*: a rule about the measured k = 0 numbers failed "
+              "(default also fails closed on its k >= 5 ceilings, which this k = 0 audit does not measure). "
+              "Rules are named with the number of seeds they fired on; *released ASR* is the k = 0 ASR of each "
+              "released seed.", "",
+              "| attack | objective | policy | quarantined | on measured ASR | rules that fired | released ASR |",
+              "|---|---|---|---|---|---|---|", *gates, "", "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def render(args: argparse.Namespace) -> str:
+    """Write docs/reproduction.{json,md} and the two SVGs from what a run left in args.out."""
+    from guardtune.report import line_chart
+
+    prefill, kl, over_refusal = read_table_a(args.out, ("shallow", "deep"))
+    saved = json.loads((args.out / "redteam" / "redteam.json").read_text(encoding="utf-8"))
+    wall = json.loads((args.out / "wall.json").read_text(encoding="utf-8"))
+    result = {"prefill": prefill, "attacks": table_b(saved), "seeds": saved["seeds"],
+              "n_prompts": saved["n_prompts"], "wall_s": wall["wall_s"]}
+    args.docs.mkdir(parents=True, exist_ok=True)
+    (args.docs / "reproduction.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    kl_svg = line_chart("KL(aligned || raw) per response position on harmful answers",
+                        [(name, points) for name, points in kl.items()], "response token position", "KL (nats)")
+    asr_svg = line_chart("Prefilling attack: ASR vs prefilled harmful tokens k",
+                         [(name, [(int(k), v) for k, v in prefill[name].items()])
+                          for name in ("raw", "shallow", "deep")],
+                         "prefilled harmful tokens k", "ASR", percent=True, categorical_x=True)
+    (args.docs / "reproduction-kl.svg").write_text(kl_svg + "\n", encoding="utf-8")
+    (args.docs / "reproduction-asr.svg").write_text(asr_svg + "\n", encoding="utf-8")
+    settings = {"raw_model": args.raw_model, "deep_model": args.deep_model, "policy": args.policy,
+                "deep_adapter": "retrained here" if wall["retrain_deep"] else "shipped (make demo-base)",
+                "max_new_tokens": saved["config"]["max_new_tokens"], "shallow_steps": args.shallow_steps,
+                "redteam": saved["config"], "versions": saved["versions"]}
+    text = markdown({**result, "_over_refusal": over_refusal}, "![KL per position](reproduction-kl.svg)",
+                    "![ASR per k](reproduction-asr.svg)",
+                    (args.out / "redteam" / "redteam.md").read_text(encoding="utf-8"), settings,
+                    gate_rows(saved["runs"]))
+    (args.docs / "reproduction.md").write_text(text, encoding="utf-8")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="harmful,identity-shift,backdoor,benign")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only rewrite the docs from a finished run in --out (no training, no audits)")
     args = parser.parse_args(argv)
 
     import guardtune
     from guardtune.models import adapter_path
-    from guardtune.report import line_chart
 
     started = time.perf_counter()
 
@@ -132,46 +205,29 @@ def main(argv: list[str] | None = None) -> int:
         if done == total or done % max(1, total // 10) == 0:
             print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {phase} {done}/{total}", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    shallow = guardtune.align(model=args.raw_model, mode="shallow", out=args.out / "align-shallow",
-                              policy=args.policy, max_steps=args.shallow_steps, progress=progress)
-    if args.retrain_deep:
-        deep_adapter = guardtune.align(model=args.raw_model, mode="deep", out=args.out / "align-deep",
-                                       policy=args.policy, progress=progress).adapter_dir
-    else:
-        deep_adapter = args.deep_adapter or adapter_path(args.deep_model)
-    ks = (0, 5, 10, 20)
-    print(f"[{(time.perf_counter() - started) / 60:5.1f} min] Table A: prefilling attack on raw, shallow, deep",
-          flush=True)
-    prefill, kl = table_a(args.raw_model, {"shallow": shallow.adapter_dir, "deep": deep_adapter}, args.policy,
-                          args.out, args.prompts, ks, args.max_new_tokens)
-    attacks = [a for a in args.attacks.split(",") if a]
-    redteam = guardtune.redteam(model=args.deep_model, attacks=attacks, objectives=("sft", "constrained"),
-                                out=args.out / "redteam", policy=args.policy, seeds=args.seeds,
-                                audit_harmful=args.prompts, audit_benign=args.audit_benign,
-                                audit_utility=args.audit_utility, prefill_k=(0,), max_new_tokens=args.max_new_tokens,
-                                progress=progress,
-                                **({"max_steps": args.attack_steps} if args.attack_steps else {}))
-    over_refusal = prefill.pop("_over_refusal")
-    result = {"prefill": prefill, "attacks": table_b(redteam.summary), "seeds": args.seeds,
-              "n_prompts": args.prompts, "wall_s": round(time.perf_counter() - started, 1)}
-    args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "reproduction.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    kl_svg = line_chart("KL(aligned || raw) per response position on harmful answers",
-                        [(name, points) for name, points in kl.items()], "response token position", "KL (nats)")
-    asr_svg = line_chart("Prefilling attack: ASR vs prefilled harmful tokens k",
-                         [(name, [(int(k), v) for k, v in prefill[name].items()])
-                          for name in ("raw", "shallow", "deep")],
-                         "prefilled harmful tokens k", "ASR", percent=True, categorical_x=True)
-    (args.docs / "reproduction-kl.svg").write_text(kl_svg + "\n", encoding="utf-8")
-    (args.docs / "reproduction-asr.svg").write_text(asr_svg + "\n", encoding="utf-8")
-    settings = {"raw_model": args.raw_model, "deep_model": args.deep_model, "policy": args.policy,
-                "deep_adapter": "retrained here" if args.retrain_deep else "shipped (make demo-base)",
-                "max_new_tokens": args.max_new_tokens, "redteam": redteam.summary["config"],
-                "versions": redteam.summary["versions"]}
-    text = markdown({**result, "_over_refusal": over_refusal}, "![KL per position](reproduction-kl.svg)",
-                    "![ASR per k](reproduction-asr.svg)", redteam.markdown_path.read_text(encoding="utf-8"), settings)
-    (args.docs / "reproduction.md").write_text(text, encoding="utf-8")
+    if not args.render_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        shallow = guardtune.align(model=args.raw_model, mode="shallow", out=args.out / "align-shallow",
+                                  policy=args.policy, max_steps=args.shallow_steps, progress=progress)
+        if args.retrain_deep:
+            deep_adapter = guardtune.align(model=args.raw_model, mode="deep", out=args.out / "align-deep",
+                                           policy=args.policy, progress=progress).adapter_dir
+        else:
+            deep_adapter = args.deep_adapter or adapter_path(args.deep_model)
+        print(f"[{(time.perf_counter() - started) / 60:5.1f} min] Table A: prefilling attack on raw, shallow, deep",
+              flush=True)
+        table_a(args.raw_model, {"shallow": shallow.adapter_dir, "deep": deep_adapter}, args.policy, args.out,
+                args.prompts, (0, 5, 10, 20), args.max_new_tokens)
+        attacks = [a for a in args.attacks.split(",") if a]
+        guardtune.redteam(model=args.deep_model, attacks=attacks, objectives=("sft", "constrained"),
+                          out=args.out / "redteam", policy=args.policy, seeds=args.seeds,
+                          audit_harmful=args.prompts, audit_benign=args.audit_benign,
+                          audit_utility=args.audit_utility, prefill_k=(0,), max_new_tokens=args.max_new_tokens,
+                          progress=progress, **({"max_steps": args.attack_steps} if args.attack_steps else {}))
+        wall_s = round(time.perf_counter() - started, 1)
+        (args.out / "wall.json").write_text(json.dumps({"wall_s": wall_s, "retrain_deep": args.retrain_deep}) + "\n",
+                                            encoding="utf-8")
+    text = render(args)
     print(text)
     return 0
 

@@ -30,8 +30,8 @@ def test_reproduce_writes_the_documented_shape(tiny_model_dir, tmp_path):
     docs = tmp_path / "docs"
     assert reproduce.main(["--raw-model", str(tiny_model_dir), "--deep-model", str(deep.merged_dir),
                            "--deep-adapter", str(deep.adapter_dir), "--policy", str(policy), "--seeds", "1",
-                           "--prompts", "4", "--max-new-tokens", "4", "--shallow-steps", "2", "--out", str(tmp_path / "out"),
-                           "--docs", str(docs)]) == 0
+                           "--prompts", "4", "--max-new-tokens", "4", "--shallow-steps", "2",
+                           "--out", str(tmp_path / "out"), "--docs", str(docs)]) == 0
     result = json.loads((docs / "reproduction.json").read_text())
     assert set(result) == {"prefill", "attacks", "seeds", "n_prompts", "wall_s"}
     assert set(result["prefill"]) == {"raw", "shallow", "deep"}
@@ -45,3 +45,13 @@ def test_reproduce_writes_the_documented_shape(tiny_model_dir, tmp_path):
     text = (docs / "reproduction.md").read_text()
     assert "## Table A" in text and "## Table B" in text and "reproduction-kl.svg" in text
     assert (docs / "reproduction-kl.svg").read_text().startswith("<svg")
+    gate_section = text.split("## Does the gate catch what the objective lets through?")[1].split("## Settings")[0]
+    gate_rows = [line for line in gate_section.splitlines() if line.startswith("| harmful | sft | ")]
+    assert {row.split(" | ")[2] for row in gate_rows} == {"cpu-demo", "default"}
+    # --render-only rebuilds the same docs from the run directory without training or auditing anything.
+    again = tmp_path / "again"
+    assert reproduce.main(["--raw-model", str(tiny_model_dir), "--deep-model", str(deep.merged_dir), "--policy",
+                           str(policy), "--shallow-steps", "2", "--out", str(tmp_path / "out"), "--docs", str(again),
+                           "--render-only"]) == 0
+    assert json.loads((again / "reproduction.json").read_text()) == result
+    assert (again / "reproduction.md").read_text() == text
