@@ -137,7 +137,8 @@ def markdown(result: dict, kl_svg: str, asr_svg: str, redteam_md: str, settings:
               "Rules are named with the number of seeds they fired on; *released ASR* is the k = 0 ASR of each "
               "released seed.", "",
               "| attack | objective | policy | quarantined | on measured ASR | rules that fired | released ASR |",
-              "|---|---|---|---|---|---|---|", *gates, "", "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
+              "|---|---|---|---|---|---|---|", *gates, "",
+              "## Settings", "", "```json", json.dumps(settings, indent=1), "```", ""]
     return "\n".join(lines)
 
 
