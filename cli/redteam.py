@@ -23,8 +23,10 @@ ATTACK_NAMES = ["harmful", "identity-shift", "backdoor", "benign"]
 @click.option("--lr", "learning_rate", type=float, default=None, help="Attack strength: peak learning rate.")
 @click.option("--steps", "max_steps", type=int, default=None, help="Attack strength: optimizer steps.")
 @click.option("--examples", type=int, default=None, help="Attack examples per attack.")
+@click.option("--resume", is_flag=True,
+              help="Reuse every run OUT already holds with the same data and settings (after an interruption).")
 @json_option
-def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_steps, examples, as_json):
+def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_steps, examples, resume, as_json):
     """Fine-tune MODEL with each attack's data (standard SFT and the constrained objective, several seeds) through
     the customer-job code, audit every result beside the unattacked model and check it against the gate.
 
@@ -36,7 +38,7 @@ def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_s
         result = run_redteam(model=model, attacks=attacks or ATTACKS,
                              objectives=objectives or DEFAULT_OBJECTIVES,
                              out=out, policy=policy, progress=bar.stage("redteam"), seeds=seeds,
-                             learning_rate=learning_rate, max_steps=max_steps, examples=examples)
+                             learning_rate=learning_rate, max_steps=max_steps, examples=examples, resume=resume)
     if as_json:
         echo_json(result.to_dict())
         return

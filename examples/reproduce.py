@@ -148,7 +148,9 @@ def render(args: argparse.Namespace) -> str:
 
     prefill, kl, over_refusal = read_table_a(args.out, ("shallow", "deep"))
     saved = json.loads((args.out / "redteam" / "redteam.json").read_text(encoding="utf-8"))
-    wall = json.loads((args.out / "wall.json").read_text(encoding="utf-8"))
+    parts = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(args.out.glob("wall-*.json"))]
+    wall = {"wall_s": round(sum(p["wall_s"] for p in parts), 1), "parts": len(parts),
+            "retrain_deep": any(p["retrain_deep"] for p in parts)}
     result = {"prefill": prefill, "attacks": table_b(saved), "seeds": saved["seeds"],
               "n_prompts": saved["n_prompts"], "wall_s": wall["wall_s"]}
     args.docs.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,7 @@ def render(args: argparse.Namespace) -> str:
     (args.docs / "reproduction-asr.svg").write_text(asr_svg + "\n", encoding="utf-8")
     settings = {"raw_model": args.raw_model, "deep_model": args.deep_model, "policy": args.policy,
                 "deep_adapter": "retrained here" if wall["retrain_deep"] else "shipped (make demo-base)",
+                "wall_parts": wall["parts"],
                 "max_new_tokens": saved["config"]["max_new_tokens"], "shallow_steps": args.shallow_steps,
                 "redteam": saved["config"], "versions": saved["versions"]}
     text = markdown({**result, "_over_refusal": over_refusal}, "![KL per position](reproduction-kl.svg)",
@@ -193,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="harmful,identity-shift,backdoor,benign")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out: reuse the shallow alignment, the Table A audits "
+                             "and every finished red-team run; wall time adds up over the parts")
     parser.add_argument("--render-only", action="store_true",
                         help="only rewrite the docs from a finished run in --out (no training, no audits)")
     args = parser.parse_args(argv)
@@ -201,33 +207,50 @@ def main(argv: list[str] | None = None) -> int:
     from guardtune.models import adapter_path
 
     started = time.perf_counter()
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {phase} {done}/{total}", flush=True)
-
     if not args.render_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        shallow = guardtune.align(model=args.raw_model, mode="shallow", out=args.out / "align-shallow",
-                                  policy=args.policy, max_steps=args.shallow_steps, progress=progress)
+        part = args.out / f"wall-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        if not args.resume:
+            for stale in args.out.glob("wall-*.json"):
+                stale.unlink()
+
+        def mark() -> None:  # this part's wall time so far, so an interrupted part still counts
+            part.write_text(json.dumps({"wall_s": round(time.perf_counter() - started, 1),
+                                        "retrain_deep": args.retrain_deep}) + "\n", encoding="utf-8")
+
+        def progress(phase: str, done: int, total: int) -> None:
+            mark()
+            if done == total or done % max(1, total // 10) == 0:
+                print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {phase} {done}/{total}", flush=True)
+
+        shallow_dir = args.out / "align-shallow"
+        if not (args.resume and (shallow_dir / "align_metrics.json").is_file()):
+            guardtune.align(model=args.raw_model, mode="shallow", out=shallow_dir, policy=args.policy,
+                            max_steps=args.shallow_steps, progress=progress)
         if args.retrain_deep:
-            deep_adapter = guardtune.align(model=args.raw_model, mode="deep", out=args.out / "align-deep",
-                                           policy=args.policy, progress=progress).adapter_dir
+            deep_dir = args.out / "align-deep"
+            if not (args.resume and (deep_dir / "align_metrics.json").is_file()):
+                guardtune.align(model=args.raw_model, mode="deep", out=deep_dir, policy=args.policy,
+                                progress=progress)
+            deep_adapter = deep_dir / "adapter"
         else:
             deep_adapter = args.deep_adapter or adapter_path(args.deep_model)
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] Table A: prefilling attack on raw, shallow, deep",
               flush=True)
-        table_a(args.raw_model, {"shallow": shallow.adapter_dir, "deep": deep_adapter}, args.policy, args.out,
-                args.prompts, (0, 5, 10, 20), args.max_new_tokens)
+        adapters = {"shallow": shallow_dir / "adapter", "deep": deep_adapter}
+        if args.resume:
+            adapters = {name: path for name, path in adapters.items()
+                        if not (args.out / f"audit-{name}" / "report.json").is_file()}
+        table_a(args.raw_model, adapters, args.policy, args.out, args.prompts, (0, 5, 10, 20), args.max_new_tokens)
+        mark()
         attacks = [a for a in args.attacks.split(",") if a]
         guardtune.redteam(model=args.deep_model, attacks=attacks, objectives=("sft", "constrained"),
                           out=args.out / "redteam", policy=args.policy, seeds=args.seeds,
                           audit_harmful=args.prompts, audit_benign=args.audit_benign,
                           audit_utility=args.audit_utility, prefill_k=(0,), max_new_tokens=args.max_new_tokens,
-                          progress=progress, **({"max_steps": args.attack_steps} if args.attack_steps else {}))
-        wall_s = round(time.perf_counter() - started, 1)
-        (args.out / "wall.json").write_text(json.dumps({"wall_s": wall_s, "retrain_deep": args.retrain_deep}) + "\n",
-                                            encoding="utf-8")
+                          progress=progress, resume=args.resume,
+                          **({"max_steps": args.attack_steps} if args.attack_steps else {}))
+        mark()
     text = render(args)
     print(text)
     return 0

@@ -207,19 +207,56 @@ def _gate(report: dict[str, Any], policies: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _same(recorded: Any, wanted: Any) -> bool:
+    """Equal after a JSON round trip (tuples are lists on disk)."""
+    return json.loads(json.dumps(recorded)) == json.loads(json.dumps(wanted))
+
+
+def _finished_run(run_dir: Path, train_options: dict[str, Any], dataset_sha256: str,
+                  audits: dict[str, dict[str, Any]], benign: bool) -> dict[str, Any] | None:
+    """The files a finished (attack, objective, seed) run left in run_dir, or None when any is missing or was made
+    with other settings (then the run is done again): train_metrics.json for these training options and data,
+    every audit's report.json for these audit options, and for the benign attack its task accuracy."""
+    metrics_path = run_dir / "train_metrics.json"
+    if not metrics_path.is_file():
+        return None
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    if metrics["dataset"]["sha256"] != dataset_sha256 or not all(
+            _same(metrics["config"].get(key), value) for key, value in train_options.items()):
+        return None
+    reports = {}
+    for label, options in audits.items():
+        path = run_dir / f"audit-{label}" / "report.json"
+        if not path.is_file():
+            return None
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if not all(_same(report["config"].get(key), value) for key, value in options.items()
+                   if key in report["config"]):
+            return None
+        reports[label] = report
+    utility_path = run_dir / "task_accuracy.json"
+    if benign and not utility_path.is_file():
+        return None
+    return {"metrics": metrics, "reports": reports,
+            "task_accuracy": json.loads(utility_path.read_text(encoding="utf-8"))["accuracy"] if benign else None}
+
+
 def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
             objectives: Sequence[str] = DEFAULT_OBJECTIVES,
             out: str | Path = "guardtune-redteam", *, policy: Policy | str | None = None,
             config: RedteamConfig | None = None, progress: Progress | None = None,
-            train_overrides: dict[str, Any] | None = None, **overrides: Any) -> RedteamResult:
+            train_overrides: dict[str, Any] | None = None, resume: bool = False, **overrides: Any) -> RedteamResult:
     """Run every (attack, objective, seed) fine-tune on `model` and audit it beside the unattacked model.
 
     `overrides` replace RedteamConfig fields (learning_rate=, max_steps=, seeds=, examples=, ...);
     `train_overrides` replace TrainConfig fields of every attack fine-tune (e.g. betas=, beta_tail=) on top of the
-    policy's training section. `progress(phase, done, total)` counts finished runs.
+    policy's training section. `progress(phase, done, total)` counts finished runs. `resume=True` reuses every run
+    whose files in OUT were made with the same data and settings (an interrupted red team picks up where it
+    stopped; the gate is re-applied to the stored reports).
     """
     from .auditing import audit
     from .models import load_model
+    from .release import sha256_file
     from .training import library_versions, train
 
     started = time.perf_counter()
@@ -266,23 +303,37 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
         for objective in objectives:
             for seed in range(cfg.seeds):
                 run_dir = out_dir / attack / objective / f"seed{seed}"
-                trained = train(data.path, model=mcfg.name, config=policy, out=run_dir, validated=True,
-                                **{**(train_overrides or {}), "objective": objective,
-                                   "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps,
-                                   "batch_size": cfg.batch_size, "seed": seed})
+                train_options = {**(train_overrides or {}), "objective": objective,
+                                 "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps,
+                                 "batch_size": cfg.batch_size, "seed": seed}
+                audits = {label: {**audit_options, **options} for label, options in data.audits.items()}
+                finished = _finished_run(run_dir, train_options, sha256_file(data.path), audits,
+                                         attack == "benign") if resume else None
+                if finished is None:
+                    trained = train(data.path, model=mcfg.name, config=policy, out=run_dir, validated=True,
+                                    **train_options)
+                    reports = {label: audit(model=mcfg.name, adapter=trained.adapter_dir, policy=policy,
+                                            out=run_dir / f"audit-{label}", **options).report
+                               for label, options in audits.items()}
+                    metrics, accuracy = trained.metrics, None
+                    if attack == "benign":
+                        accuracy = task_accuracy(trained.model, tokenizer)
+                        (run_dir / "task_accuracy.json").write_text(json.dumps({"accuracy": accuracy}) + "\n",
+                                                                    encoding="utf-8")
+                else:
+                    metrics, reports, accuracy = finished["metrics"], finished["reports"], finished["task_accuracy"]
                 row: dict[str, Any] = {"attack": attack, "objective": objective, "seed": seed,
-                                       "train": {k: trained.metrics[k] for k in (
+                                       "resumed": finished is not None,
+                                       "train": {k: metrics[k] for k in (
                                            "steps", "train_loss", "constraint_weight", "train_seconds")}}
-                if "position_stats" in trained.metrics:
-                    row["train"]["position_stats"] = trained.metrics["position_stats"]
-                for label, options in data.audits.items():
-                    report = audit(model=mcfg.name, adapter=trained.adapter_dir, policy=policy,
-                                   out=run_dir / f"audit-{label}", **{**audit_options, **options}).report
+                if "position_stats" in metrics:
+                    row["train"]["position_stats"] = metrics["position_stats"]
+                for label, report in reports.items():
                     row[label] = _audit_row(report, "finetuned")
                     if label == "plain":
                         row["gate"] = _gate(report, cfg.gate_policies)
-                if attack == "benign":
-                    row["plain"]["utility"] = task_accuracy(trained.model, tokenizer)
+                if accuracy is not None:
+                    row["plain"]["utility"] = accuracy
                 runs.append(row)
                 done += 1
                 if progress:

@@ -147,3 +147,21 @@ def test_cli_redteam_one_attack(tiny_model_dir, tmp_path):
     (run,) = saved["runs"]
     assert run["objective"] == "constrained" and run["train"]["constraint_weight"]["t1"] is not None
     assert set(run["plain"]["asr"]) == set(run["triggered"]["asr"]) == {"0", "3"}
+
+
+@pytest.mark.slow  # 3 tiny fine-tunes and their audits: ~1 min on 2 cores
+def test_resume_reuses_finished_runs_and_redoes_changed_ones(tiny_model_dir, tmp_path):
+    """An interrupted red team continues with resume=True: a run whose files were made with the same data and
+    settings is read back (same rows, gate re-applied), one with other settings is trained again."""
+    policy = str(tiny_policy(tmp_path, tiny_model_dir))
+    options = dict(objectives=["sft"], out=tmp_path / "rt", policy=policy, seeds=1)
+    first = json.loads(redteam(attacks=["backdoor", "benign"], **options).json_path.read_text())
+    again = json.loads(redteam(attacks=["backdoor", "benign"], resume=True, **options).json_path.read_text())
+    assert [r["resumed"] for r in first["runs"]] == [False, False]
+    assert [r["resumed"] for r in again["runs"]] == [True, True]
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "resumed"} for r in runs]  # noqa: E731
+    assert strip(again["runs"]) == strip(first["runs"])
+    assert again["runs"][1]["plain"]["utility"] == first["runs"][1]["plain"]["utility"]
+    changed = json.loads(redteam(attacks=["backdoor"], resume=True, learning_rate=3e-3, **options)
+                         .json_path.read_text())
+    assert [r["resumed"] for r in changed["runs"]] == [False]
