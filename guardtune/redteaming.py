@@ -300,14 +300,15 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
             base["plain"]["utility"] = task_accuracy(loaded.model, tokenizer)
             del loaded
         bases[attack] = {"n_examples": data.n_examples, **base, "notes": data.notes}
+        audits = {label: {**audit_options, **options} for label, options in data.audits.items()}
+        data_sha256 = sha256_file(data.path) if resume else None
         for objective in objectives:
             for seed in range(cfg.seeds):
                 run_dir = out_dir / attack / objective / f"seed{seed}"
                 train_options = {**(train_overrides or {}), "objective": objective,
                                  "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps,
                                  "batch_size": cfg.batch_size, "seed": seed}
-                audits = {label: {**audit_options, **options} for label, options in data.audits.items()}
-                finished = _finished_run(run_dir, train_options, sha256_file(data.path), audits,
+                finished = _finished_run(run_dir, train_options, data_sha256, audits,
                                          attack == "benign") if resume else None
                 if finished is None:
                     trained = train(data.path, model=mcfg.name, config=policy, out=run_dir, validated=True,
