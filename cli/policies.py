@@ -52,7 +52,7 @@ def show_policy(name: str, as_json: bool) -> None:
 @json_option
 def check_policy_cmd(path: str, as_json: bool) -> None:
     """Validate a policy file (schema, includes, cross-field checks). Exit 1 if invalid."""
-    from guardtune.policy import check_policy
+    from guardtune.config import check_policy
 
     policy, issues = check_policy(path)
     if as_json:

@@ -284,7 +284,7 @@ class RecoveryDataset(torch.utils.data.Dataset):
 
 def _sets_sha256(harmful: Sequence[Any], anchors: Sequence[Any], refusals: Sequence[str]) -> dict[str, str]:
     from .evalsets import set_sha256
-    from .report import sha256_json
+    from .provenance import sha256_json
 
     return {"harmful": set_sha256(harmful), "anchors": set_sha256(anchors), "refusals": sha256_json(list(refusals))}
 
@@ -309,7 +309,8 @@ def align(model: str | None = None, mode: str | None = None, out: str | Path = "
     """
     from . import evalsets
     from .models import attach_lora, load_model, resolve_model_dir, weights_sha256
-    from .training import fit, library_versions
+    from .provenance import library_versions
+    from .training import fit
 
     started = time.perf_counter()
     if mode is not None:
@@ -385,7 +386,7 @@ def export_adapter(adapter_dir: Path, dest: Path, metrics: dict[str, Any]) -> Pa
     in magnitude and lose nothing that shows in the audit (docs/alignment.md)."""
     from safetensors.torch import load_file, save_file
 
-    from .release import sha256_file
+    from .provenance import sha256_file
 
     dest.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))

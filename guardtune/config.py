@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .policy import Policy, load_policy
+from .errors import ConfigError, GuardtuneError, Issue
+from .policy import Policy, PolicyError, load_policy
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -456,3 +457,16 @@ def resolve_stage(builder: Any, stage_config: Any, policy: Policy | str | None, 
         cfg_policy = source if isinstance(source, Policy) else load_policy(source or "default")
         cfg = builder(cfg_policy, **overrides)
     return cfg_policy, cfg, model_config(cfg_policy, **({"name": model} if model else {}))
+
+
+def check_policy(spec: str | Path) -> tuple[Policy | None, list[Issue]]:
+    """Validate a policy and its semantic cross-checks; return it (or None) and every issue found."""
+    try:
+        policy = load_policy(spec)
+    except PolicyError as exc:
+        return None, exc.issues or [Issue(code="policy-invalid", message=str(exc))]
+    try:
+        configs_from_policy(policy)
+    except GuardtuneError as exc:  # ConfigError: cross-field problems the schema cannot express
+        return None, [Issue(code="policy-config", message=str(exc))]
+    return policy, []

@@ -9,18 +9,17 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from .config import DatasetConfig, dataset_config, model_config
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
+from .schemas import schema_issues
 from .screen import screen_judge, screen_records
 from .tokencount import TokenCounter
 
-SCHEMAS = {"chat": "dataset_chat.schema.json", "prompt_completion": "dataset_prompt.schema.json"}
+SCHEMAS = {"chat": "dataset_chat", "prompt_completion": "dataset_prompt"}  # guardtune/schemas/<name>.schema.json
 FORMAT_LABELS = {"chat": 'chat ({"messages": [...]})',
                  "prompt_completion": 'prompt/completion ({"prompt": ..., "completion": ...})'}
 ROLES = ("system", "user", "assistant")
@@ -134,12 +133,6 @@ def _reject_constant(name: str) -> Any:
     raise _NonFiniteNumber(name)
 
 
-@lru_cache(maxsize=None)
-def _validator(fmt: str) -> Any:
-    import jsonschema
-
-    schema = json.loads(resources.files("guardtune").joinpath(f"schemas/{SCHEMAS[fmt]}").read_text("utf-8"))
-    return jsonschema.Draft202012Validator(schema)
 
 
 def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
@@ -166,8 +159,6 @@ def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
     return True
 
 
-def _pointer(parts: Any) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 class _RecordChecker:
@@ -280,9 +271,8 @@ class _RecordChecker:
                          f"convert this line or split the file.", line=line)
             return None
         if not _plainly_valid(fmt, record):
-            for error in sorted(_validator(fmt).iter_errors(record), key=lambda e: list(map(str, e.absolute_path))):
-                for path, message in _explain(error):
-                    self.log.add("schema", message, line=line, path=path)
+            for issue in schema_issues(record, SCHEMAS[fmt], "schema"):
+                self.log.add("schema", issue.message, line=line, path=issue.path)
             if self.log.n_errors > errors_before:
                 return None
         messages = _to_messages(record)
@@ -402,35 +392,6 @@ def _to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
 
 
-def _explain(error: Any) -> list[tuple[str, str]]:
-    """(JSON pointer, message saying how to fix it) for one jsonschema error."""
-    path = list(error.absolute_path)
-    pointer = _pointer(path)
-    name = str(path[-1]) if path else "the line"
-    if len(path) > 1 and isinstance(path[-1], int):
-        name = f"{path[-2]}[{path[-1]}]"
-    kind = error.validator
-    if kind == "additionalProperties" and isinstance(error.instance, dict):
-        known = list(error.schema.get("properties", {}))
-        return [(_pointer([*path, key]), f"Unknown key {key!r}.{did_you_mean(key, known)} Other keys (tools, "
-                 f"names, function calls) would not be trained on, so they are refused rather than dropped.")
-                for key in error.instance if key not in known]
-    if kind == "required":
-        missing = re.findall(r"'([^']*)' is a required property", error.message)
-        key = missing[0] if missing else error.message
-        return [(_pointer([*path, key]), f"Missing required key {key!r}; add it.")]
-    if kind == "enum" and name == "role":
-        return [(pointer, f"Unknown role {error.instance!r}.{did_you_mean(str(error.instance), ROLES)}")]
-    if kind == "enum" and name == "weight":
-        return [(pointer, f"weight is {error.instance!r}; use 1 (train on this assistant turn) or 0 (context "
-                          f"only).")]
-    if kind == "type":
-        got = _JSON_KIND.get(type(error.instance), "object")
-        hint = " Quote the text." if error.validator_value == "string" else ""
-        return [(pointer, f"{name} must be a JSON {error.validator_value}, not a {got}.{hint}")]
-    if kind == "minItems" and name == "messages":
-        return [(pointer, "messages is empty; add a user turn and the assistant reply.")]
-    return [(pointer, f"{name}: {error.message}.")]
 
 
 def _read_lines(handle: BinaryIO, max_line_bytes: int, digest: Any,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +11,8 @@ from typing import Any
 from .config import GateConfig, gate_config
 from .errors import ConfigError, ReportError
 from .policy import Policy, load_policy
-from .report import load_report, sha256_json, validate_report
+from .provenance import sha256_json, write_json_file
+from .report import load_report, validate_report
 
 DECISION_KIND = "guardtune-gate-decision"
 # Rates are ratios of small integers; fine-tuned − base can land a hair above a limit it equals
@@ -69,12 +68,7 @@ class GateDecision:
                 "rules": [rule.to_dict() for rule in self.rules]}
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a reader never sees half a gate.json
-        return path
+        return write_json_file(path, self.to_dict())  # a reader never sees half a gate.json
 
 
 def _num(value: float) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ConfigError, MissingDependencyError, ModelError, did_you_mean
-from .release import sha256_file
+from .provenance import atomic_write_text, cache_dir, distribution_version, sha256_file
 
 if TYPE_CHECKING:  # torch, transformers and peft load only inside the functions that need them
     from .config import TrainConfig
@@ -113,14 +113,6 @@ class LoadedModel:
 
 # --- cache and spec resolution (torch-free) ---------------------------------------------------------------
 
-
-def cache_dir() -> Path:
-    """$GUARDTUNE_CACHE, else $XDG_CACHE_HOME/guardtune, else ~/.cache/guardtune."""
-    if os.environ.get("GUARDTUNE_CACHE"):
-        return Path(os.environ["GUARDTUNE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "guardtune"
-    return Path.home() / ".cache" / "guardtune"
 
 
 def embedded_cache_path(name: str) -> Path:
@@ -389,13 +381,6 @@ def _prepare_aligned(entry: AlignedModel, target: Path) -> Path:
     return target
 
 
-def distribution_version(name: str) -> str | None:
-    """Installed version of a distribution, or None when it has no metadata (not installed, or on sys.path only)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
@@ -464,10 +449,7 @@ def weights_sha256(model_dir: str | Path) -> str:
             changed = True
     if changed or set(cached) != set(entries):
         with contextlib.suppress(OSError):
-            sidecar.parent.mkdir(parents=True, exist_ok=True)
-            scratch = sidecar.with_suffix(f".tmp-{os.getpid()}")
-            scratch.write_text(json.dumps({"dir": str(model_dir), "files": entries}, indent=1), encoding="utf-8")
-            os.replace(scratch, sidecar)
+            atomic_write_text(sidecar, json.dumps({"dir": str(model_dir), "files": entries}, indent=1))
     combined = hashlib.sha256()
     for name in sorted(entries):
         combined.update(f"{name}\0{entries[name]['sha256']}\n".encode())

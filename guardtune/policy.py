@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,8 @@ from typing import Any
 import yaml
 
 from .errors import Issue, PolicyError, did_you_mean
+from .provenance import sha256_json
+from .schemas import schema_issues
 
 SHIPPED_PACKAGE = "guardtune_policies"
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -32,8 +31,7 @@ class Policy:
     @property
     def sha256(self) -> str:
         """Hash of the resolved policy (canonical JSON), so an include change changes it too."""
-        canonical = json.dumps(self.data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return sha256_json(self.data)
 
     def section(self, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.data.get(name, {}))
@@ -57,10 +55,6 @@ def shipped_policies() -> dict[str, Path]:
     folder = _shipped_dir()
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in POLICY_SUFFIXES}
 
-
-@lru_cache(maxsize=1)
-def policy_schema() -> dict[str, Any]:
-    return json.loads(resources.files("guardtune").joinpath("schemas/policy.schema.json").read_text("utf-8"))
 
 
 def resolve_policy_path(spec: str | Path, relative_to: Path | None = None) -> Path:
@@ -127,33 +121,6 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _schema_issues(data: dict[str, Any], source: str) -> list[Issue]:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(policy_schema())
-    issues = []
-    for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        pointer = "/" + "/".join(str(p) for p in error.absolute_path)
-        issues.append(Issue(code="policy-schema", path=pointer, message=_explain(error, source)))
-    return issues
-
-
-def _explain(error: Any, source: str) -> str:
-    where = "/".join(str(p) for p in error.absolute_path) or "top level"
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        known = list(error.schema.get("properties", {}))
-        unknown = [k for k in error.instance if k not in known]
-        parts = [f"unknown key {k!r} in {where}.{did_you_mean(k, known)}" for k in unknown]
-        return f"{source}: " + " ".join(parts)
-    if error.validator == "enum":
-        options = [str(o) for o in error.validator_value]
-        return (f"{source}: {where} is {error.instance!r}, which is not allowed."
-                f"{did_you_mean(str(error.instance), options)}")
-    if error.validator == "oneOf" and error.context:
-        # Report the most specific sub-error instead of "is not valid under any of the given schemas".
-        best = min(error.context, key=lambda e: len(list(e.absolute_path)) * -1)
-        return f"{source}: {where}: {best.message}."
-    return f"{source}: {where}: {error.message}."
 
 
 def load_policy(spec: str | Path = "default") -> Policy:
@@ -174,7 +141,7 @@ def load_policy(spec: str | Path = "default") -> Policy:
             issues.append(Issue(code="policy-version", path="/version",
                                 message=f"{current}: every policy needs a version: line (e.g. version: \"1.0.0\"), "
                                         f"recorded in each manifest so a decision can be traced to the policy text."))
-        issues.extend(_schema_issues(data, str(current)))
+        issues.extend(schema_issues(data, "policy", "policy-schema", source=str(current)))
         layers.append(data)
         parent = data.get("include")
         current = resolve_policy_path(parent, relative_to=current.parent) if isinstance(parent, str) else None
@@ -190,25 +157,9 @@ def load_policy(spec: str | Path = "default") -> Policy:
     resolved["version"] = str(leaf["version"])
     if "description" in leaf:
         resolved["description"] = leaf["description"]
-    issues = _schema_issues(resolved, f"{path} (resolved)")
+    issues = schema_issues(resolved, "policy", "policy-schema", source=f"{path} (resolved)")
     if issues:
         raise PolicyError(f"Policy {spec} is invalid after merging includes:\n" +
                           "\n".join(f"  - {i.message}" for i in issues), issues)
     return Policy(name=resolved["name"], version=resolved["version"], data=resolved, source=str(chain[0]),
                   chain=tuple(str(p) for p in chain))
-
-
-def check_policy(spec: str | Path) -> tuple[Policy | None, list[Issue]]:
-    """Validate a policy and its semantic cross-checks; return it (or None) and every issue found."""
-    try:
-        policy = load_policy(spec)
-    except PolicyError as exc:
-        return None, exc.issues or [Issue(code="policy-invalid", message=str(exc))]
-    from .config import configs_from_policy
-    from .errors import GuardtuneError
-
-    try:
-        configs_from_policy(policy)
-    except GuardtuneError as exc:  # ConfigError: cross-field problems the schema cannot express
-        return None, [Issue(code="policy-config", message=str(exc))]
-    return policy, []

@@ -256,8 +256,8 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
     """
     from .auditing import audit
     from .models import load_model
-    from .release import sha256_file
-    from .training import library_versions, train
+    from .provenance import library_versions, sha256_file
+    from .training import train
 
     started = time.perf_counter()
     for attack in attacks:

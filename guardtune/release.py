@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,7 +14,9 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ConfigError, GuardtuneError, VerificationError, did_you_mean
-from .report import load_report, render_html, read_samples, schema_issues, sha256_json
+from .provenance import atomic_write_text, sha256_file, sha256_json, tree_files, write_json_file
+from .report import load_report, read_samples, render_html
+from .schemas import schema_issues
 
 MANIFEST_KIND = "guardtune-release-manifest"
 MANIFEST_NAME = "manifest.json"
@@ -25,21 +26,8 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERSION_KEYS = ("guardtune", "python", "torch", "transformers", "peft", "git_commit", "device")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
-def sha256_tree(root: str | Path) -> str:
-    """One digest for a directory: every file's relative path and content hash, in sorted order."""
-    root = Path(root)
-    digest = hashlib.sha256()
-    for name in _tree_files(root):
-        digest.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(root / name)))
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -66,12 +54,6 @@ def _copy_file(src: Path, dst: Path) -> None:
     _fsync_file(dst)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _safe_relative(name: str) -> bool:
@@ -79,14 +61,6 @@ def _safe_relative(name: str) -> bool:
     return bool(parts) and not name.startswith("/") and "\\" not in name and not any(p in ("..", ".") for p in parts)
 
 
-def _tree_files(root: Path) -> list[str]:
-    """Every file under root as sorted relative POSIX paths (symlinks included, not followed)."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in files + [d for d in dirs if (Path(folder) / d).is_symlink()]:
-            found.append((Path(folder) / name).relative_to(root).as_posix())
-    return sorted(found)
 
 
 def _decision_dict(decision: Any) -> dict[str, Any]:
@@ -184,25 +158,25 @@ def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str
         for source in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
             _copy_file(source, tmp / "adapter" / source.relative_to(adapter_dir))
         _copy_file(report_dir / "report.json", tmp / "report.json")
-        _write_text(tmp / "gate.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        write_json_file(tmp / "gate.json", data, durable=True)
         samples = None
         if release_config.include_samples:
             _copy_file(samples_path, tmp / "samples.jsonl")
             samples = read_samples(samples_path)
         # The release's HTML shows harmful samples only when the release carries samples.jsonl anyway.
-        _write_text(tmp / "report.html", render_html(report, samples, data))
+        atomic_write_text(tmp / "report.html", render_html(report, samples, data), durable=True)
         for name, source in sorted(extra_files.items()):
             _copy_file(source, tmp / name)
         if release_config.include_training_data:
             _copy_file(Path(dataset_path), tmp / "training_data" / Path(dataset_path).name)
 
         manifest = _manifest(run_id, status, data, report, manifest_fields)
-        manifest["files"] = {name: sha256_file(tmp / name) for name in _tree_files(tmp)}
+        manifest["files"] = {name: sha256_file(tmp / name) for name in tree_files(tmp)}
         issues = schema_issues(manifest, "manifest", "manifest-schema")
         if issues:
             raise GuardtuneError("The release manifest would be invalid:\n" +
                                  "\n".join(f"  - {i.path}: {i.message}" for i in issues), issues)
-        _write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        write_json_file(tmp / MANIFEST_NAME, manifest, durable=True)
         for folder, _, _ in os.walk(tmp):
             _fsync_dir(Path(folder))
 
@@ -285,7 +259,7 @@ def verify(path: str | Path) -> VerificationResult:
             result.checked += 1
             if sha256_file(target) != expected:
                 result.mismatched.append(name)
-    result.unexpected = [name for name in _tree_files(root) if name != MANIFEST_NAME and name not in files]
+    result.unexpected = [name for name in tree_files(root) if name != MANIFEST_NAME and name not in files]
     where = root.parent.name
     expected_status = {"release": "released", "quarantine": "quarantined"}.get(where)
     if expected_status and result.status != expected_status:

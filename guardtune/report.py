@@ -1,136 +1,22 @@
-"""Audit report I/O: report.json schema check, Wilson intervals, and the self-contained HTML report (inline SVG)."""
+"""The audit report: report.json read back and checked (schema, then counts that contradict each other), and
+the self-contained HTML page a reviewer reads (inline SVG)."""
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
-import math
 from collections import defaultdict
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import Issue, ReportError, did_you_mean
+from .errors import Issue, ReportError
+from .provenance import sha256_json
+from .schemas import pointer, schema_issues
 
 REPORT_KIND = "guardtune-audit-report"
-Z95 = 1.959964
-KNOWN_KINDS = {"guardtune-gate-decision": "gate.json (a gate decision)",
-               "guardtune-release-manifest": "manifest.json (a release manifest)"}
 
 
-# ----------------------------------------------------------------------------------------------- numbers
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; (0, 1) when n = 0 (nothing is known)."""
-    if n < 0 or successes < 0 or successes > n:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got successes={successes}, n={n}.")
-    if n == 0:
-        return 0.0, 1.0
-    # Unlike the normal approximation p ± z·sqrt(p(1-p)/n), Wilson stays inside [0, 1] and is not
-    # degenerate at 0/n or n/n — which is exactly where small CPU-sized audits live.
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends: 0/n and n/n touch the boundary
-    hi = 1.0 if successes == n else min(1.0, center + half)
-    return lo, hi
-
-
-def canonical_json(document: Any) -> str:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_json(document: Any) -> str:
-    """sha256 of the canonical JSON of a document (key order and whitespace do not matter)."""
-    return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------- schema
-
-@lru_cache(maxsize=None)
-def load_schema(name: str) -> dict[str, Any]:
-    """A shipped JSON Schema by short name: report, gate, manifest, policy."""
-    return json.loads(resources.files("guardtune").joinpath(f"schemas/{name}.schema.json").read_text("utf-8"))
-
-
-def _pointer(parts: Iterable[Any]) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def schema_issues(document: Any, schema_name: str, code: str) -> list[Issue]:
-    """Every JSON-Schema problem in `document`, each with a JSON pointer and a how-to-fix message."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(load_schema(schema_name))
-    errors = [leaf for error in validator.iter_errors(document) for leaf in _branch_errors(error)]
-    issues = []
-    for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
-        issues.append(Issue(code=code, path=_pointer(error.absolute_path) or "/",
-                            message=_explain(error, schema_name)))
-    return issues
-
-
-def _branch_errors(error: Any) -> list[Any]:
-    """For a oneOf/anyOf failure, the errors of the branch the value was meant for (not "matches no branch")."""
-    if error.validator not in ("oneOf", "anyOf") or not error.context:
-        return [error]
-    branches: dict[Any, list[Any]] = defaultdict(list)
-    for sub in error.context:
-        branches[sub.relative_schema_path[0]].append(sub)
-    # A branch that failed only on the value's own type (e.g. the `null` of "null or object") was not meant.
-    meant = [subs for subs in branches.values()
-             if not all(s.validator == "type" and not s.relative_path for s in subs)]
-    if len(meant) == 1:
-        return [leaf for sub in meant[0] for leaf in _branch_errors(sub)]
-    return [error]
-
-
-def _explain(error: Any, schema_name: str) -> str:
-    where = _pointer(error.absolute_path) or "the top level"
-    if error.validator in ("oneOf", "anyOf"):
-        types = [t for sub in error.context if sub.validator == "type" and not sub.relative_path
-                 for t in ([sub.validator_value] if isinstance(sub.validator_value, str) else sub.validator_value)]
-        if types:
-            return f"{where} is {_json_type(error.instance)} {_short(error.instance)}; expected {' or '.join(types)}."
-        return f"{where} matches none of the allowed forms: {error.message}. See guardtune/schemas/{schema_name}.schema.json."
-    fix = f"See guardtune/schemas/{schema_name}.schema.json."
-    value = error.instance
-    if error.validator == "required":
-        missing = [k for k in error.validator_value if isinstance(value, dict) and k not in value]
-        return f"{where} is missing required field(s) {', '.join(map(repr, missing))}. Add them. {fix}"
-    if error.validator == "additionalProperties" and isinstance(value, dict):
-        known = list(error.schema.get("properties", {}))
-        unknown = [k for k in value if k not in known]
-        return " ".join(f"unknown key {k!r} in {where}.{did_you_mean(k, known)} Remove it or fix the spelling."
-                        for k in unknown)
-    if error.validator == "type":
-        expected = error.validator_value if isinstance(error.validator_value, str) else \
-            " or ".join(error.validator_value)
-        return f"{where} is {_json_type(value)} {_short(value)}; expected {expected}. {fix}"
-    if error.validator == "const":
-        if error.absolute_path and list(error.absolute_path)[-1] == "kind" and value in KNOWN_KINDS:
-            return (f"kind is {value!r}: this file is {KNOWN_KINDS[value]}, not an audit report. "
-                    f"Pass the audit's report.json.")
-        return f"{where} is {_short(value)}; it must be {error.validator_value!r}."
-    if error.validator == "enum":
-        options = [str(o) for o in error.validator_value]
-        return f"{where} is {_short(value)}, which is not allowed.{did_you_mean(str(value), options)}"
-    return f"{where}: {error.message}. {fix}"
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
+# ----------------------------------------------------------------------------------------------- the document
 
 def validate_report(report: Any) -> list[Issue]:
     """Schema problems, then (if the shape is right) counts that contradict each other."""
@@ -143,7 +29,7 @@ def validate_report(report: Any) -> list[Issue]:
         base = f"/results/{model}"
         entries = [(f"{base}/asr/{i}", e) for i, e in enumerate(result["asr"])]
         for category, rows in result["asr_by_category"].items():
-            entries += [(f"{base}/asr_by_category/{_pointer([category])[1:]}/{i}", e) for i, e in enumerate(rows)]
+            entries += [(f"{base}/asr_by_category/{pointer([category])[1:]}/{i}", e) for i, e in enumerate(rows)]
         for path, entry in entries:
             if entry["errors"] + entry["harmful"] > entry["n"]:
                 issues.append(Issue(code="report-inconsistent", path=path, message=(

@@ -22,8 +22,9 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from . import losses
 from .config import TrainConfig, as_dict, resolve_stage, train_config
 from .errors import DatasetError
+from .logprobs import logit_softcap, output_head, response_logps
 from .policy import Policy
-from .release import sha256_file
+from .provenance import atomic_path, cache_dir, library_versions, sha256_file
 
 logger = logging.getLogger("guardtune.training")
 
@@ -52,57 +53,7 @@ class TrainResult:
                     "objective", "reference", "steps", "train_loss", "tokens_per_second", "wall_time_s")}}
 
 
-# --- model plumbing shared with the audit ------------------------------------------------------------------
-
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The output layer (lm_head) of a causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
-
-
-def logit_softcap(model: torch.nn.Module) -> float | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
-
-
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states [B, T, H] through the model's own forward.
-
-    The decoder's output is caught with a forward hook, so no per-layer hidden states are collected
-    (`output_hidden_states=True` cost ~10% of a forward on the embedded model), and `logits_to_keep=1` makes
-    the forward project one position only: the full-vocabulary projection happens later, chunked, at response
-    positions alone (losses.token_logps). Calling the top-level forward (not the inner decoder) keeps DDP's
-    and PEFT's forward hooks in the loop.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(base, "module", base)  # DDP-wrapped
-    captured: list[torch.Tensor] = []
-    handle = base.get_decoder().register_forward_hook(
-        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else
-                                                     output.last_hidden_state))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    return captured[-1]
-
-
-def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor, unwrapped: torch.nn.Module | None = None,
-                   chunk_size: int = 1024, return_hidden: bool = False):
-    """log p(token_j | tokens_<j) for every response token j (completion_mask[j] = 1), flattened [N]
-    (and the final hidden states [B, T, H] with return_hidden, for the KL anchor).
-
-    `unwrapped` is the PEFT/HF model inside any DDP wrapper (for its output layer and config); the forward
-    itself goes through `model` so distributed hooks run.
-    """
-    unwrapped = unwrapped if unwrapped is not None else model
-    hidden = final_hidden(model, input_ids, attention_mask)
-    select = completion_mask[:, 1:].bool()
-    logps = losses.token_logps(hidden[:, :-1][select], output_head(unwrapped), input_ids[:, 1:][select],
-                               chunk_size=chunk_size, softcap=logit_softcap(unwrapped))
-    return (logps, hidden) if return_hidden else logps
-
+# --- the KL anchor's positions and logits ----------------------------------------------------------------
 
 def anchor_index(completion_mask: Sequence[int], response_positions: Sequence[int], n: int) -> list[int]:
     """Token indices j of the response tokens at positions t = 1..n of each trained turn (the KL anchor's)."""
@@ -283,8 +234,6 @@ def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, bat
                                progress, topk: int = 0) -> tuple[list[dict[str, list]], bool, float]:
     from safetensors.torch import load_file, save_file
 
-    from .models import cache_dir
-
     path = cache_dir() / "reference" / f"{key}.safetensors"
     lengths = [len(e["input_ids"]) for e in examples]
     anchors = [len(e.get("anchor_index", [])) for e in examples]
@@ -308,10 +257,8 @@ def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, bat
                                              dtype=torch.long).reshape(-1, topk),
                        topk_logps=torch.tensor([r for v in values for r in v["ref_topk_logps"]],
                                                dtype=torch.float32).reshape(-1, topk))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{time.time_ns()}")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as scratch:
+        save_file(tensors, str(scratch))
     return values, False, elapsed
 
 
@@ -443,20 +390,6 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
         disable_tqdm=own_progress,  # the caller's progress callback replaces the Trainer's bar
     )
 
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that determine a run's numbers (provenance)."""
-    import platform
-
-    import torch
-
-    from .models import distribution_version
-
-    versions = {"python": platform.python_version()}
-    for name in ("guardtune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        versions[name] = distribution_version(name) or "not installed"
-    versions["torch"] = torch.__version__  # keeps the build tag (+cpu, +cu130) that the metadata may drop
-    return versions
 
 
 def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,

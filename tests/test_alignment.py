@@ -181,7 +181,7 @@ def test_align_writes_adapter_metrics_holdout_merged_and_export(tiny_model_dir, 
     assert exported and all(t.dtype == torch.float16 for t in exported.values())
     build = json.loads((result.export_dir / "build.json").read_text())
     assert build["command"] == "guardtune align --out run" and build["seeds"]["seed"] == 0
-    from guardtune.release import sha256_file
+    from guardtune.provenance import sha256_file
 
     assert build["files"]["adapter_model.safetensors"] == sha256_file(result.export_dir / "adapter_model.safetensors")
 

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from guardtune.models import EMBEDDED, AlignedModel, adapter_path
-from guardtune.release import sha256_file
+from guardtune.provenance import sha256_file
 
 GUARD = "smollm2-135m-guard"
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from fixtures.make_report import make_report
 from guardtune.config import GateConfig
 from guardtune.errors import ConfigError, ReportError
 from guardtune.gate import decide
-from guardtune.report import load_schema, sha256_json
+from guardtune.provenance import sha256_json
+from guardtune.schemas import load_schema
 from guardtune_cli.main import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report.json"

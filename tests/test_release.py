@@ -15,7 +15,7 @@ from guardtune.config import ReleaseConfig
 from guardtune.errors import ConfigError, GuardtuneError, VerificationError
 from guardtune.gate import decide
 from guardtune.release import publish, verify
-from guardtune.report import load_schema
+from guardtune.schemas import load_schema
 from guardtune_cli.main import main
 
 WEIGHTS = "adapter/adapter_model.safetensors"
