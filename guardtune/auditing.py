@@ -294,7 +294,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                               f"raise audit.prefix_tokens.")
     benign_ids = [prompt_ids(p.instruction) for p in benign]
     utility_ids = [prompt_ids(q.question) for q in utility]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
 
     sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign),
                 "utility": evalsets.set_sha256(utility)}

@@ -17,6 +17,7 @@ from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateErr
 from .policy import Policy, load_policy
 from .schemas import schema_issues
 from .screen import screen_judge, screen_records
+from .templates import to_messages
 from .tokencount import TokenCounter
 
 SCHEMAS = {"chat": "dataset_chat", "prompt_completion": "dataset_prompt"}  # guardtune/schemas/<name>.schema.json
@@ -275,7 +276,7 @@ class _RecordChecker:
                 self.log.add("schema", issue.message, line=line, path=issue.path)
             if self.log.n_errors > errors_before:
                 return None
-        messages = _to_messages(record)
+        messages = to_messages(record)
         self._check_structure(messages, fmt, line)
         if self.log.n_errors > errors_before:
             return None
@@ -384,13 +385,6 @@ class _RecordChecker:
         if self.n_records > config.max_examples:
             log.add("too-many-examples", f"{self.n_records} records; the policy allows at most "
                     f"{config.max_examples} (dataset.max_examples). Split the dataset or sample it.")
-
-
-def _to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    if "messages" in record:
-        return record["messages"]
-    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-
 
 
 

@@ -43,7 +43,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     (benchmarks/bench_audit.py measures it). Greedy by default; sampling is seeded per call.
     """
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_model gave every tokenizer one (templates.ensure_pad_token)
     stop = _stop_ids(model, tokenizer)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
                                "eos_token_id": stop, "use_cache": True}

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import JudgeError, MissingDependencyError, did_you_mean
 from .evalsets import HAZARD_CATEGORIES
+from .templates import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,7 @@ class HFJudge:
             raise JudgeError(f"The hf judge tokenizer in {self.path} has no chat template; Llama Guard 3 style "
                              f"classifiers ship one that renders the moderation prompt.")
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer, f"the hf judge in {self.path}")
         specials = set(self.tokenizer.all_special_tokens)
         specials |= {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
         self._special = sorted((t for t in specials if t), key=len, reverse=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import ConfigError, MissingDependencyError, ModelError, did_you_mean
 from .provenance import atomic_write_text, cache_dir, distribution_version, sha256_file
+from .templates import ensure_pad_token
 
 if TYPE_CHECKING:  # torch, transformers and peft load only inside the functions that need them
     from .config import TrainConfig
@@ -513,11 +514,7 @@ def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", de
         raise ModelError(f"Could not load model {spec!r} from {path}: {exc}") from exc
     if quantization == "nf4":
         disable_cpu_weight_repacking(model)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"The tokenizer of {spec!r} has neither a pad nor an eos token; add one to its "
-                             f"tokenizer_config.json.")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, repr(spec))
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     info = ModelInfo(spec=spec, kind=kind, path=str(path),

@@ -434,7 +434,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
     examples = _render_examples(tokenizer, iter_records(dataset, report), cfg.max_length)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
     reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
                                       "kl_anchor_positions": cfg.kl_anchor,
                                       "constraint_scope": cfg.constraint_scope if cfg.uses_reference else None}
