@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, GuardtuneError, Issue
+from .errors import ConfigError, GuardtuneError, Issue, did_you_mean
 from .policy import Policy, PolicyError, load_policy
 
 
@@ -422,8 +422,6 @@ def _build(cls: type, values: dict[str, Any], overrides: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - names
     if unknown:
-        from .errors import did_you_mean
-
         bad = sorted(unknown)[0]
         raise ConfigError(f"Unknown {cls.__name__} option {bad!r}.{did_you_mean(bad, names)}")
     merged = {k: v for k, v in values.items() if k in names}

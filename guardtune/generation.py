@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .templates import render_prompt, response_ids
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -100,8 +102,6 @@ def write_answers(model, tokenizer, prompts: Sequence[tuple[str, str | None]], *
     """Greedy answers to (instruction, opener) pairs: the opener (if any) is prefilled after the rendered prompt,
     then the model continues for up to `max_new_tokens`. How the audit's harmful prefixes and alignment's
     harmful answers and utility anchors are written. The caller picks the context (no_grad, adapter disabled)."""
-    from .templates import render_prompt, response_ids
-
     inputs, openers = [], []
     for instruction, opener in prompts:
         opener_ids = response_ids(tokenizer, opener) if opener else []

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import JudgeError, MissingDependencyError, did_you_mean
-from .evalsets import HAZARD_CATEGORIES
+from .evalsets import HAZARD_CATEGORIES, normalise
 from .templates import ensure_pad_token
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,6 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 # ---------------------------------------------------------------------------------------------- text matching
 
-
-def normalise(text: str) -> str:
-    """Fold text for keyword matching: NFKC, no zero-width/format characters, straight quotes, one space, lowercase."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    text = text.translate(_QUOTES)
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
 
 
 def _phrase_pattern(phrases: Iterable[str]) -> re.Pattern[str] | None:

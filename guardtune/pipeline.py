@@ -19,9 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .auditing import audit as run_audit
 from .config import release_config, train_config
+from .dataset import validate_dataset
 from .errors import DatasetError
+from .gate import decide
+from .models import resolve_model_dir
 from .policy import Policy, load_policy
+from .release import publish
+from .report import write_html
+from .training import train
 
 STAGES = ("validate", "train", "audit", "gate", "release")
 # progress(stage, phase, done, total): stage is one of STAGES; phase names the work inside it.
@@ -81,14 +88,6 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
              progress: Progress | None = None, **train_overrides: Any) -> RunResult:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all."""
-    from .auditing import audit as run_audit
-    from .dataset import validate_dataset
-    from .gate import decide
-    from .models import resolve_model_dir
-    from .release import publish
-    from .report import write_html
-    from .training import train
-
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
     dataset = Path(dataset)
     model_spec = model or policy.data.get("model", {}).get("name")

@@ -21,10 +21,15 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import losses
 from .config import TrainConfig, as_dict, resolve_stage, train_config
+from .dataset import iter_records, validate_dataset
 from .errors import DatasetError
+from .generation import generate
+from .judges import is_refusal
 from .logprobs import logit_softcap, output_head, response_logps
+from .models import attach_lora, load_model, reference
 from .policy import Policy
 from .provenance import atomic_path, cache_dir, library_versions, sha256_file
+from .templates import render_chat, template_fingerprint
 
 logger = logging.getLogger("guardtune.training")
 
@@ -76,9 +81,6 @@ def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequenc
     """Whether the reference model refuses each example's prompt (constraint_scope 'refused'): its greedy
     continuation of everything before the example's first trained response token, judged by the keyword judge's
     refusal phrases. Identical prompts are generated once."""
-    from .generation import generate
-    from .judges import is_refusal
-
     prompts = [tuple(e["input_ids"][:e["completion_mask"].index(1)]) for e in examples]
     unique = list(dict.fromkeys(prompts))
     done = [0]
@@ -100,8 +102,6 @@ def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequenc
 
 
 def _render_examples(tokenizer: Any, records: Iterable[tuple[int, list[dict]]], max_length: int) -> list[dict]:
-    from .templates import render_chat
-
     examples = []
     for line, messages in records:
         rendered = render_chat(tokenizer, messages, max_length=max_length, line=line)
@@ -182,8 +182,6 @@ def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_to
     Batches are formed in length order (less padding than the training order), and the pass runs with the
     adapter disabled, in train mode, dropout inactive (models.reference): the policy's computation at step 0.
     """
-    from .models import reference
-
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     results: list[dict[str, list]] = [{} for _ in examples]
     device = next(model.parameters()).device
@@ -296,8 +294,6 @@ class GuardedTrainer(Trainer):
         if cfg.objective == "sft":
             loss = losses.sft_loss(policy_logps, ones, num_items_in_batch)
         else:
-            from .models import reference
-
             ref_hidden = None
             if cfg.reference == "online":
                 with reference(unwrapped):
@@ -406,10 +402,6 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     for the reference precompute and each optimizer step. `validated=True` skips re-validating a file the
     caller has just validated (the pipeline).
     """
-    from .dataset import iter_records, validate_dataset
-    from .models import attach_lora, load_model
-    from .templates import template_fingerprint
-
     started = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from guardtune.alignment import (AnchorExample, HarmfulExample, RecoveryDataset, align, load_refusals,
+from guardtune.alignment import (AnchorExample, HarmfulExample, RecoveryDataset, align,
                                  split_holdout)
 from guardtune.config import AlignConfig, TrainConfig
+from guardtune.evalsets import load_refusals
 from guardtune.errors import ConfigError, DatasetError
 from guardtune.templates import render_chat, response_ids
 
