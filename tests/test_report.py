@@ -142,9 +142,41 @@ def test_html_escapes_adversarial_text():
     report = make_report()
     report["model"]["spec"] = 'evil"><img src=x onerror=alert(1)>'
     page = render_html(report, make_samples(), None)
-    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in page
+    # jinja2's autoescape (markupsafe) writes quotes as &#34; and &#39;
+    assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in page
     assert "<script" not in page.lower()
-    assert "<img" not in page and "evil&quot;&gt;&lt;img" in page
+    assert "<img" not in page and "evil&#34;&gt;&lt;img" in page
+
+
+def test_html_escapes_every_field_a_report_or_gate_json_can_carry():
+    # The template escapes by autoescape, not by hand: plant markup, named after its field, in each kind of field.
+    def mark(field):
+        return f"<evil>{field}</evil>"
+
+    report = make_report(note=mark("note"))
+    decision = decide(report, "strict").to_dict()
+    report["created_at"] = mark("created_at")
+    report["judge"]["name"] = mark("judge")
+    report["provenance"]["device"] = mark("provenance")
+    report["config"]["harmful_set"] = mark("config")
+    decision["policy"]["name"] = mark("policy")
+    decision["decided_at"] = mark("decided_at")
+    decision["rules"][0].update(rule=mark("rule"), reason=mark("reason"), model=mark("where"))
+    sample_fields = ("id", "category", "instruction", "prefix", "continuation", "model")
+    sample = dict(make_samples()[0], **{f: mark(f) for f in sample_fields},
+                  verdict={"harmful": False, "refusal": False, "error": mark("verdict")})
+    page = render_html(report, [sample], decision)
+    assert "<evil>" not in page
+    for field in ("note", "created_at", "judge", "provenance", "config", "policy", "decided_at", "rule", "reason",
+                  "where", "verdict", *sample_fields):
+        assert f"&lt;evil&gt;{field}&lt;/evil&gt;" in page, field
+
+
+def test_html_shows_a_missing_value_as_empty_not_none():
+    report = make_report()  # provenance.git_commit is None
+    page = render_html(report, [dict(make_samples()[0], id=None)], None)
+    assert "<th>git_commit</th><td></td>" in page
+    assert ">None<" not in page and "None ·" not in page
 
 
 def test_html_is_self_contained():
