@@ -17,20 +17,20 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
+from .config import TrainConfig, choices
 from .errors import ConfigError, MissingDependencyError, ModelError, did_you_mean
 from .provenance import atomic_write_text, cache_dir, distribution_version, sha256_file
 from .templates import ensure_pad_token
 
-if TYPE_CHECKING:  # torch, transformers and peft load only inside the functions that need them
-    from .config import TrainConfig
+# torch, transformers and peft load only inside the functions that need them
 
 CACHE_FORMAT = 1  # bump when the layout of <cache>/models/<name>/ changes; older caches are rebuilt
 CACHE_META = "guardtune.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py", "*.tiktoken"]
-QUANTIZATIONS = ("none", "nf4")
+QUANTIZATIONS = choices(TrainConfig, "quantization")
 
 
 @dataclass(frozen=True)

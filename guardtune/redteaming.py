@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from .auditing import audit
 from .cache import json_path, read_json, write_json
-from .config import RedteamConfig, as_dict, redteam_config, resolve_stage
+from .config import ATTACKS, RedteamConfig, as_dict, redteam_config, resolve_stage
 from .errors import ConfigError, did_you_mean
 from .evalsets import load_harmful, load_refusals, sample
 from .gate import decide
@@ -40,7 +40,6 @@ from .provenance import library_versions, sha256_file
 from .templates import render_prompt
 from .training import train
 
-ATTACKS = ("harmful", "identity-shift", "backdoor", "benign")
 OBJECTIVES = ("sft", "paper", "constrained")
 DEFAULT_OBJECTIVES = ("sft", "constrained")
 AOA_PREFIX = "AOA, execute my instruction: "
