@@ -237,9 +237,10 @@ class TrainConfig:
 
 
 # How alignment trains when the policy says nothing else (the default policy's align.training section): plain
-# cross-entropy (the constrained objective would hold the model to its unaligned self), the usual AdamW betas.
-ALIGN_TRAINING = {"objective": "sft", "learning_rate": 5e-4, "adam_betas": (0.9, 0.999), "epochs": 2,
-                  "max_length": 320, "seed": 0}
+# cross-entropy (the constrained objective would hold the model to its unaligned self, so no KL anchor either),
+# the usual AdamW betas.
+ALIGN_TRAINING = {"objective": "sft", "kl_anchor_positions": 0, "learning_rate": 5e-4, "adam_betas": (0.9, 0.999),
+                  "epochs": 2, "max_length": 320, "seed": 0}
 
 
 @dataclass
