@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError, GuardtuneError, Issue, did_you_mean
+from .judges import check_judge_config
 from .policy import Policy, PolicyError, load_policy
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -137,6 +138,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_judge_config(self.screen_judge, "dataset.screen.judge")
         if self.min_examples > self.max_examples:
             raise ConfigError(f"dataset.min_examples ({self.min_examples}) is larger than dataset.max_examples "
                               f"({self.max_examples}); lower min_examples or raise max_examples.")
@@ -381,8 +383,7 @@ class AuditConfig:
         if self.prefix_source == "generate" and self.prefix_tokens < max(self.prefill_k):
             raise ConfigError(f"audit.prefix_tokens ({self.prefix_tokens}) is shorter than the largest "
                               f"audit.prefill_k ({max(self.prefill_k)}); generated prefixes could not be that long.")
-        if self.judge.get("name") not in ("keyword", "hf", "openai"):
-            raise ConfigError(f"audit.judge.name is {self.judge.get('name')!r}; use keyword, hf or openai.")
+        check_judge_config(self.judge, "audit.judge")
 
 
 @dataclass

@@ -621,22 +621,66 @@ def _require_positive_int(option: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- registry
+# A judge is a class with a `name`, the `OPTIONS` it accepts (the keys of a policy's judge mapping besides
+# `name`) and the Judge protocol's methods. The built-in ones are registered here; another package adds its own
+# through the "guardtune.judges" entry-point group (name = judge name, value = "module:Class"), with no change to
+# guardtune. Policies, the audit, the screen and `guardtune judges` all read this one registry.
 
-JUDGES: dict[str, type] = {"keyword": KeywordJudge, "hf": HFJudge, "openai": OpenAIJudge}
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "keyword": ("assume_harmful", "extra_refusal_phrases"),
-    "hf": ("path", "batch_size", "threshold", "extra_refusal_phrases", "max_new_tokens"),
-    "openai": ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "concurrency", "threshold",
-               "extra_refusal_phrases", "max_tokens", "backoff_s", "max_backoff_s"),
-}
+ENTRY_POINT_GROUP = "guardtune.judges"
+_REGISTRY: dict[str, type] = {}
+
+
+def register_judge(cls: type) -> type:
+    """Add a judge class to the registry (usable as a decorator). It needs `name` and `OPTIONS`."""
+    name, options = getattr(cls, "name", None), getattr(cls, "OPTIONS", None)
+    if not isinstance(name, str) or not name or not isinstance(options, tuple):
+        raise JudgeError(f"{cls!r} cannot be registered as a judge: it needs a `name` string and an `OPTIONS` "
+                         f"tuple of the option names it accepts.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+for _builtin, _options in ((KeywordJudge, ("assume_harmful", "extra_refusal_phrases")),
+                           (HFJudge, ("path", "batch_size", "threshold", "extra_refusal_phrases", "max_new_tokens")),
+                           (OpenAIJudge, ("base_url", "model", "api_key_env", "timeout_s", "max_retries",
+                                          "concurrency", "threshold", "extra_refusal_phrases", "max_tokens",
+                                          "backoff_s", "max_backoff_s"))):
+    _builtin.OPTIONS = _options
+    register_judge(_builtin)
+
+
+@lru_cache(maxsize=1)
+def _load_entry_points() -> None:
+    import importlib.metadata
+
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTRY:
+            continue  # a built-in name cannot be taken over by a plug-in
+        try:
+            register_judge(entry.load())
+        except Exception as exc:  # a broken plug-in must not take the built-in judges down with it
+            log.warning("guardtune: judge plug-in %r (%s) failed to load: %s", entry.name, entry.value, exc)
+
+
+def available_judges() -> dict[str, tuple[str, ...]]:
+    """Judge name -> the options it accepts: the built-in judges and any installed plug-in."""
+    _load_entry_points()
+    return {name: cls.OPTIONS for name, cls in _REGISTRY.items()}
+
+
+def check_judge_config(settings: dict[str, Any], where: str) -> None:
+    """Raise JudgeError unless `settings` (a policy's judge mapping) names a known judge with options it takes."""
+    judges = available_judges()
+    name = settings.get("name")
+    if name not in judges:
+        raise JudgeError(f"{where}.name is {name!r}: no such judge.{did_you_mean(str(name), judges)}")
+    unknown = sorted(set(settings) - {"name"} - set(judges[name]))
+    if unknown:
+        bad = unknown[0]
+        raise JudgeError(f"Unknown option {bad!r} for the {name} judge ({where}).{did_you_mean(bad, judges[name])}")
 
 
 def get_judge(name: str, **cfg: Any) -> Judge:
     """Build a judge from its name and options (the policy's judge mapping, `name` included or not)."""
-    if name not in JUDGES:
-        raise JudgeError(f"Unknown judge {name!r}.{did_you_mean(name, JUDGES)}")
-    unknown = sorted(set(cfg) - set(OPTIONS[name]))
-    if unknown:
-        bad = unknown[0]
-        raise JudgeError(f"Unknown option {bad!r} for the {name} judge.{did_you_mean(bad, OPTIONS[name])}")
-    return JUDGES[name](**cfg)
+    check_judge_config({"name": name, **cfg}, "judge")
+    return _REGISTRY[name](**cfg)

@@ -530,3 +530,54 @@ def test_wilson_is_symmetric_and_contains_the_estimate(successes, n):
 def test_wilson_rejects_impossible_counts(successes, n):
     with pytest.raises(ValueError):
         judges.wilson_interval(successes, n)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_a_plugin_judge_registers_through_its_entry_point(tmp_path, monkeypatch):
+    """A package adds a judge with an entry point in the "guardtune.judges" group; policies, the audit config and
+    get_judge then accept it, options checked, with no change to guardtune."""
+    from guardtune.config import AuditConfig
+
+    (tmp_path / "fakejudge_mod.py").write_text(
+        "from guardtune.judges import Verdict\n"
+        "class AlwaysHarmful:\n"
+        "    name = 'always-harmful'\n"
+        "    OPTIONS = ('score',)\n"
+        "    def __init__(self, score=1.0):\n"
+        "        self.score = score\n"
+        "    def evaluate(self, instruction, response):\n"
+        "        return Verdict(harmful=True, refusal=False, score=self.score)\n"
+        "    def evaluate_batch(self, pairs):\n"
+        "        return [self.evaluate(*p) for p in pairs]\n"
+        "    def describe(self):\n"
+        "        return {'name': self.name}\n", encoding="utf-8")
+    info = tmp_path / "fakejudge-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakejudge\nVersion: 0.1\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text("[guardtune.judges]\nalways-harmful = fakejudge_mod:AlwaysHarmful\n",
+                                           encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    judges._load_entry_points.cache_clear()
+    try:
+        assert judges.available_judges()["always-harmful"] == ("score",)
+        verdict = judges.get_judge("always-harmful", score=0.5).evaluate("q", "a")
+        assert verdict.harmful is True and verdict.score == 0.5
+        assert AuditConfig(judge={"name": "always-harmful", "score": 0.3}).judge["name"] == "always-harmful"
+        with pytest.raises(JudgeError, match="Unknown option 'scor' for the always-harmful judge.*Did you mean 'score'"):
+            AuditConfig(judge={"name": "always-harmful", "scor": 0.3})
+    finally:
+        monkeypatch.undo()  # the plug-in uninstalled: gone from the registry once it is rebuilt
+        judges._REGISTRY.pop("always-harmful", None)
+        judges._load_entry_points.cache_clear()
+    with pytest.raises(JudgeError, match="no such judge"):
+        judges.check_judge_config({"name": "always-harmful"}, "audit.judge")
+
+
+def test_register_judge_needs_a_name_and_options():
+    class Nameless:
+        OPTIONS = ()
+
+    with pytest.raises(JudgeError, match="needs a `name` string and an `OPTIONS` tuple"):
+        judges.register_judge(Nameless)
