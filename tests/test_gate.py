@@ -239,3 +239,18 @@ def test_cli_gate_invalid_report_exits_1(tmp_path):
     result = CliRunner().invoke(main, ["gate", str(bad)])
     assert result.exit_code == 1
     assert "not valid JSON" in result.output
+
+
+def test_gate_rules_are_declared_once_in_registry_config_and_schema():
+    """Each registered rule has a GateConfig field of its name and exactly its schema fragment in the policy
+    schema's gate section; nothing else is there."""
+    import dataclasses
+
+    from guardtune.config import GateConfig
+    from guardtune.gate import RULES
+
+    names = [rule.name for rule in RULES]
+    assert len(names) == len(set(names))
+    assert set(names) == {f.name for f in dataclasses.fields(GateConfig)}
+    gate_schema = load_schema("policy")["properties"]["gate"]["properties"]
+    assert {rule.name: rule.schema for rule in RULES} == gate_schema
