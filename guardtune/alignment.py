@@ -33,7 +33,7 @@ from .generation import Answer, counting, write_answers
 from .judges import is_refusal
 from .models import attach_lora, load_model, resolve_model_dir, weights_sha256
 from .policy import Policy
-from .provenance import library_versions, sha256_file, sha256_json
+from .provenance import library_versions, sha256_file, sha256_json, write_json_file
 from .templates import render_chat, response_ids
 from .training import fit
 
@@ -334,7 +334,7 @@ def align(model: str | None = None, mode: str | None = None, out: str | Path = "
         export_dir = export_adapter(fitted.adapter_dir, Path(export), metrics)
     metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
     metrics_path = out_dir / "align_metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_file(metrics_path, metrics)
     return AlignResult(out_dir=out_dir, adapter_dir=fitted.adapter_dir, merged_dir=merged_dir, export_dir=export_dir,
                        metrics_path=metrics_path, metrics=metrics, model=peft_model)
 

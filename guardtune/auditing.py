@@ -30,7 +30,7 @@ from .judges import get_judge, rate_entry, wilson_interval
 from .logprobs import final_hidden, logit_softcap, output_head
 from .models import load_model, quiet_peft_wrapping, reference, resolve_model_dir, weights_sha256
 from .policy import Policy
-from .provenance import library_versions, sha256_tree
+from .provenance import library_versions, sha256_tree, write_json_file
 from .report import validate_report, write_html
 from .templates import render_prompt, response_ids
 
@@ -366,7 +366,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     problems = validate_report(report)
     if problems:  # a bug here, not a user error: never write a report the gate would misread
         raise RuntimeError("audit produced a report that fails its schema: " + "; ".join(map(str, problems)))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_file(out_dir / "report.json", report)
     with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as handle:
         for sample in [*base_samples, *tuned_samples]:
             handle.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, BinaryIO, Iterator
 from .config import DatasetConfig, dataset_config, model_config
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
+from .provenance import write_json_file
 from .schemas import schema_issues
 from .screen import screen_judge, screen_records
 from .templates import to_messages
@@ -79,12 +79,7 @@ class ValidationReport:
 
     def write(self, path: str | Path) -> Path:
         """Write validation.json atomically (a crash never leaves half a report for the next stage)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, target)
-        return target
+        return write_json_file(path, self.to_dict())
 
     @classmethod
     def read(cls, path: str | Path) -> "ValidationReport":

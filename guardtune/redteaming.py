@@ -36,7 +36,7 @@ from .generation import generate, write_answers
 from .judges import is_refusal
 from .models import load_model
 from .policy import Policy
-from .provenance import library_versions, sha256_file
+from .provenance import library_versions, sha256_file, write_json_file
 from .templates import render_prompt
 from .training import train
 
@@ -310,8 +310,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
                     metrics, accuracy = trained.metrics, None
                     if attack == "benign":
                         accuracy = task_accuracy(trained.model, tokenizer)
-                        (run_dir / "task_accuracy.json").write_text(json.dumps({"accuracy": accuracy}) + "\n",
-                                                                    encoding="utf-8")
+                        write_json_file(run_dir / "task_accuracy.json", {"accuracy": accuracy})
                 else:
                     metrics, reports, accuracy = finished["metrics"], finished["reports"], finished["task_accuracy"]
                 row: dict[str, Any] = {"attack": attack, "objective": objective, "seed": seed,
@@ -335,7 +334,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
                     "policy": policy.to_dict(), "versions": library_versions(),
                     "wall_time_s": round(time.perf_counter() - started, 1)})
     json_path = out_dir / "redteam.json"
-    json_path.write_text(json.dumps({**summary, "runs": runs, "bases": bases}, indent=2) + "\n", encoding="utf-8")
+    write_json_file(json_path, {**summary, "runs": runs, "bases": bases})
     markdown_path = out_dir / "redteam.md"
     markdown_path.write_text(markdown(summary), encoding="utf-8")
     return RedteamResult(out_dir=out_dir, summary=summary, json_path=json_path, markdown_path=markdown_path)

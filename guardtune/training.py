@@ -28,7 +28,7 @@ from .judges import is_refusal
 from .logprobs import logit_softcap, output_head, response_logps
 from .models import attach_lora, load_model, reference
 from .policy import Policy
-from .provenance import atomic_path, cache_dir, library_versions, sha256_file
+from .provenance import atomic_path, cache_dir, library_versions, sha256_file, write_json_file
 from .templates import render_chat, template_fingerprint
 
 logger = logging.getLogger("guardtune.training")
@@ -478,7 +478,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
         "warnings": cfg.warnings(),
     }
     metrics_path = out_dir / "train_metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_file(metrics_path, metrics)
     return TrainResult(out_dir=out_dir, adapter_dir=fitted.adapter_dir, metrics_path=metrics_path,
                        metrics=metrics, model=peft_model)
 
