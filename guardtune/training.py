@@ -77,10 +77,12 @@ def anchored_logits(hidden: torch.Tensor, index: torch.Tensor, unwrapped: torch.
 # --- data ----------------------------------------------------------------------------------------------------
 
 def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict], *, max_new_tokens: int,
-                       batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list[bool]:
+                       batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                       replies: list[dict[str, Any]] | None = None) -> list[bool]:
     """Whether the reference model refuses each example's prompt (constraint_scope 'refused'): its greedy
     continuation of everything before the example's first trained response token, judged by the keyword judge's
-    refusal phrases. Identical prompts are generated once."""
+    refusal phrases. Identical prompts are generated once; `replies`, when given, receives one
+    {"refused", "reply"} per distinct prompt, so a reviewer can see what was called a refusal."""
     prompts = [tuple(e["input_ids"][:e["completion_mask"].index(1)]) for e in examples]
     unique = list(dict.fromkeys(prompts))
     done = [0]
@@ -93,11 +95,14 @@ def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequenc
     was_training = model.training
     model.eval()
     try:
-        replies = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, on_batch=on_batch)
+        generated = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, on_batch=on_batch)
     finally:
         model.train(was_training)
-    refused = {p: is_refusal(tokenizer.decode(r, skip_special_tokens=True)) for p, r in zip(unique, replies)}
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in generated]
+    refused = {p: is_refusal(text) for p, text in zip(unique, texts)}
+    if replies is not None:
+        replies.extend({"refused": refused[p], "reply": text} for p, text in zip(unique, texts))
     return [refused[p] for p in prompts]
 
 
@@ -162,13 +167,16 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
 # --- reference log-probs ---------------------------------------------------------------------------------------
 
 def reference_cache_key(dataset_sha256: str, template_fingerprint: str, weights_sha256: str, quantization: str,
-                        dtype: str, max_length: int, kl_anchor: int = 0, kl_anchor_topk: int = 0) -> str:
+                        dtype: str, max_length: int, kl_anchor: int = 0, kl_anchor_topk: int = 0,
+                        anchored: str | None = None) -> str:
     """Everything that changes the reference log-probs is in the key: data, tokenizer+template, base weights,
-    quantization, dtype, truncation length, and the KL anchor's positions and top-k (what else is stored)."""
+    quantization, dtype, truncation length, and the KL anchor's positions and top-k (what else is stored), and
+    under constraint_scope 'refused' which examples are anchored (`anchored`: one 0/1 per example)."""
     payload = json.dumps({"format": REFERENCE_CACHE_FORMAT, "dataset": dataset_sha256, "template": template_fingerprint,
                           "weights": weights_sha256, "quantization": quantization, "dtype": dtype,
                           "max_length": max_length, **({"kl_anchor": kl_anchor, "kl_anchor_topk": kl_anchor_topk}
-                                                       if kl_anchor else {})}, sort_keys=True)
+                                                       if kl_anchor else {}),
+                          **({"anchored": anchored} if anchored is not None else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -432,13 +440,15 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
                                       "constraint_scope": cfg.constraint_scope if cfg.uses_reference else None}
     if cfg.uses_reference and cfg.constraint_scope == "refused":
         probe_started = time.perf_counter()
+        probe_replies: list[dict[str, Any]] = []
         refused = reference_refusals(loaded.model, tokenizer, examples, max_new_tokens=cfg.scope_probe_tokens,
-                                     batch_size=max(cfg.batch_size, 8),
+                                     batch_size=max(cfg.batch_size, 8), replies=probe_replies,
                                      progress=(lambda d, t: progress("scope probe", d, t)) if progress else None)
         for example, refuses in zip(examples, refused):
             example["early_constraint"] = refuses
         reference_info["scope_probe"] = {"refused": sum(refused), "examples": len(refused),
-                                         "seconds": round(time.perf_counter() - probe_started, 3)}
+                                         "seconds": round(time.perf_counter() - probe_started, 3),
+                                         "replies": probe_replies}
         logger.info("constraint scope 'refused': the reference refuses %d of %d prompts; only those get the early "
                     "constraint", sum(refused), len(refused))
     peft_model = attach_lora(loaded.model, cfg)
@@ -449,8 +459,11 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
                                                     cfg.kl_anchor) if example.get("early_constraint", True) else [])
     if cfg.uses_reference and cfg.reference == "cached":
         topk = cfg.kl_anchor_topk if cfg.kl_anchor else 0
+        # Under scope 'refused' only the probed-refused examples store anchor rows: their pattern is part of the key.
+        scoped = "".join("1" if e.get("early_constraint", True) else "0" for e in examples) \
+            if cfg.constraint_scope == "refused" and cfg.kl_anchor else None
         key = reference_cache_key(dataset_sha256, template_fingerprint(tokenizer), info.weights_sha256,
-                                  info.quantization, info.dtype, cfg.max_length, cfg.kl_anchor, topk)
+                                  info.quantization, info.dtype, cfg.max_length, cfg.kl_anchor, topk, scoped)
         ref_values, hit, seconds = _load_or_compute_reference(
             peft_model, examples, key, pad_token_id, max(cfg.batch_size, 8),
             (lambda d, t: progress("reference", d, t)) if progress else None, topk=topk)

@@ -295,8 +295,11 @@ def test_refused_scope_probes_each_distinct_prompt_once(tiny_model_dir, monkeypa
                 for p in prompts]
 
     monkeypatch.setattr(guardtune.training, "generate", fake_generate)
-    assert reference_refusals(loaded.model, tok, examples, max_new_tokens=8) == [True, True, False]
+    replies = []
+    assert reference_refusals(loaded.model, tok, examples, max_new_tokens=8, replies=replies) == [True, True, False]
     assert seen == [[[1, 2, 3], [4, 5]]]
+    assert replies == [{"refused": True, "reply": "I'm sorry, but I can't help with that."},
+                       {"refused": False, "reply": "Sure, here"}]
 
 
 def test_refused_scope_without_refusals_trains_like_eq3_with_the_tail_beta_everywhere(tiny_model_dir, data, tmp_path):
@@ -330,3 +333,6 @@ def test_refused_scope_anchors_only_refused_examples(tiny_model_dir, tmp_path, m
     full = train(dataset, model=str(tiny_model_dir), out=tmp_path / "all", max_steps=3, batch_size=4,
                  learning_rate=2e-2, warmup_steps=0, **KL_ANCHOR)
     assert full.metrics["loss_curve"][0]["loss"] != pytest.approx(result.metrics["loss_curve"][0]["loss"], rel=1e-6)
+    # Same data, other anchored examples: its own reference cache entry, not the scoped run's.
+    assert full.metrics["reference_detail"]["cache_key"] != result.metrics["reference_detail"]["cache_key"]
+    assert full.metrics["reference_detail"]["cache_hit"] is False
