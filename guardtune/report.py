@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections import defaultdict
 from functools import cache
 from importlib import resources
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import Issue, ReportError
 from .evalsets import HAZARD_CATEGORIES
+from .judges import wilson_interval
 from .provenance import sha256_json
 from .schemas import pointer, schema_issues
 
@@ -25,37 +27,127 @@ REPORT_KIND = "guardtune-audit-report"
 # ----------------------------------------------------------------------------------------------- the document
 
 def validate_report(report: Any) -> list[Issue]:
-    """Schema problems, then (if the shape is right) counts that contradict each other."""
+    """Schema problems, then (if the shape is right) every number that its counts contradict.
+
+    The gate decides on these numbers, so nothing in report.json is taken on trust that can be re-derived: each
+    rate and Wilson interval is recomputed from its counts, counts are checked against each other (0 <= harmful
+    <= n - errors; categories sum to their k; the judge's error total is the sum of the entries'), KL values must
+    be finite and non-negative, and the base and the fine-tuned model must have been audited on the same prefix
+    lengths and the same number of prompts. A report edited by hand (or by an attacker) fails here, so the gate
+    rejects it with the reason instead of passing it."""
     issues = schema_issues(report, "report", "report-schema")
     if issues:
         return issues
     for model, result in report["results"].items():
-        if result is None:
-            continue
-        base = f"/results/{model}"
-        entries = [(f"{base}/asr/{i}", e) for i, e in enumerate(result["asr"])]
-        for category, rows in result["asr_by_category"].items():
-            entries += [(f"{base}/asr_by_category/{pointer([category])[1:]}/{i}", e) for i, e in enumerate(rows)]
-        for path, entry in entries:
-            if entry["errors"] + entry["harmful"] > entry["n"]:
-                issues.append(Issue(code="report-inconsistent", path=path, message=(
-                    f"{path}: harmful ({entry['harmful']}) + errors ({entry['errors']}) exceed n ({entry['n']}). "
-                    f"The audit that wrote this report miscounted; re-run `guardtune audit`.")))
-        seen: set[int] = set()
-        for i, entry in enumerate(result["asr"]):
-            if entry["k"] in seen:
-                issues.append(Issue(code="report-inconsistent", path=f"{base}/asr/{i}/k", message=(
-                    f"k={entry['k']} appears twice in {base}/asr; each prefix length must have one entry.")))
-            seen.add(entry["k"])
-        refusal = result["over_refusal"]
-        if refusal["errors"] + refusal["refusals"] > refusal["n"]:
-            issues.append(Issue(code="report-inconsistent", path=f"{base}/over_refusal", message=(
-                f"{base}/over_refusal: refusals + errors exceed n. Re-run `guardtune audit`.")))
-        kl = result["kl_profile"]
-        if kl is not None and len(kl["positions"]) != len(kl["mean_kl"]):
-            issues.append(Issue(code="report-inconsistent", path=f"{base}/kl_profile", message=(
-                f"{base}/kl_profile has {len(kl['positions'])} positions but {len(kl['mean_kl'])} mean_kl values; "
-                f"they must pair up.")))
+        if result is not None:
+            issues += _result_issues(f"/results/{model}", result)
+    base, tuned = report["results"]["base"], report["results"]["finetuned"]
+    if base is not None and tuned is not None:
+        issues += _pairing_issues(base, tuned)
+    return issues
+
+
+# Rates are ratios of small integers written as JSON floats; anything further off than this was not computed.
+RATE_TOLERANCE = 1e-9
+
+
+def _inconsistent(path: str, message: str) -> Issue:
+    return Issue(code="report-inconsistent", path=path,
+                 message=f"{path}: {message} The audit that wrote this report miscounted or the file was edited; "
+                         f"re-run `guardtune audit`.")
+
+
+def _rate_issues(path: str, entry: dict[str, Any], hits_key: str, errors: int) -> list[Issue]:
+    """Counts, rate and interval of one rate entry (an ASR at one k, over-refusal, utility)."""
+    n, hits = entry["n"], entry[hits_key]
+    scored = n - errors
+    if hits + errors > n:
+        return [_inconsistent(path, f"{hits_key} ({hits}) + errors ({errors}) exceed n ({n}).")]
+    issues = []
+    rate = hits / scored if scored else 0.0
+    if abs(entry["rate"] - rate) > RATE_TOLERANCE:
+        issues.append(_inconsistent(f"{path}/rate", f"rate is {entry['rate']!r} but {hits_key} / scored samples is "
+                                                    f"{hits}/{scored} = {rate!r}."))
+    interval = wilson_interval(hits, scored)
+    if any(abs(a - b) > RATE_TOLERANCE for a, b in zip(entry["ci95"], interval)):
+        issues.append(_inconsistent(f"{path}/ci95", f"ci95 is {entry['ci95']!r} but the Wilson interval of "
+                                                    f"{hits}/{scored} is {list(interval)!r}."))
+    return issues
+
+
+def _result_issues(base: str, result: dict[str, Any]) -> list[Issue]:
+    issues: list[Issue] = []
+    by_k: dict[int, dict[str, Any]] = {}
+    for i, entry in enumerate(result["asr"]):
+        if entry["k"] in by_k:
+            issues.append(_inconsistent(f"{base}/asr/{i}/k", f"k={entry['k']} appears twice; each prefix length must "
+                                                           f"have one entry."))
+        by_k[entry["k"]] = entry
+        issues += _rate_issues(f"{base}/asr/{i}", entry, "harmful", entry["errors"])
+    totals: dict[int, list[int]] = {}
+    for category, rows in result["asr_by_category"].items():
+        for i, entry in enumerate(rows):
+            path = f"{base}/asr_by_category/{pointer([category])[1:]}/{i}"
+            issues += _rate_issues(path, entry, "harmful", entry["errors"])
+            if entry["k"] not in by_k:
+                issues.append(_inconsistent(f"{path}/k", f"k={entry['k']} is not among the audited k."))
+            total = totals.setdefault(entry["k"], [0, 0, 0])
+            for j, key in enumerate(("n", "harmful", "errors")):
+                total[j] += entry[key]
+    if result["asr_by_category"]:
+        for k, entry in sorted(by_k.items()):
+            summed = totals.get(k, [0, 0, 0])
+            if summed != [entry["n"], entry["harmful"], entry["errors"]]:
+                issues.append(_inconsistent(f"{base}/asr_by_category", f"at k={k} the categories add up to n, harmful, "
+                                            f"errors = {summed}, but the k={k} entry says "
+                                            f"{[entry['n'], entry['harmful'], entry['errors']]}."))
+    refusal = result["over_refusal"]
+    issues += _rate_issues(f"{base}/over_refusal", refusal, "refusals", refusal["errors"])
+    if result.get("utility") is not None:
+        issues += _rate_issues(f"{base}/utility", result["utility"], "correct", 0)
+    judged = result["judge_errors"]
+    samples = sum(e["n"] for e in by_k.values()) + refusal["n"]
+    errors = sum(e["errors"] for e in by_k.values()) + refusal["errors"]
+    if (judged["samples"], judged["errors"]) != (samples, errors):
+        issues.append(_inconsistent(f"{base}/judge_errors", f"says {judged['errors']} errors in {judged['samples']} "
+                                    f"judged samples, but the ASR and over-refusal entries add up to {errors} in "
+                                    f"{samples}."))
+    elif abs(judged["rate"] - (errors / samples if samples else 0.0)) > RATE_TOLERANCE:
+        issues.append(_inconsistent(f"{base}/judge_errors/rate",
+                                    f"rate is {judged['rate']!r}, not {errors}/{samples}."))
+    kl = result["kl_profile"]
+    if kl is not None:
+        values = [*kl["mean_kl"], kl["mean_first5"]]
+        if len(kl["positions"]) != len(kl["mean_kl"]):
+            issues.append(_inconsistent(f"{base}/kl_profile", f"{len(kl['positions'])} positions but "
+                                        f"{len(kl['mean_kl'])} mean_kl values; they must pair up."))
+        elif not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= -1e-6 for v in values):
+            issues.append(_inconsistent(f"{base}/kl_profile", "a KL value is negative or not finite; a KL "
+                                        "divergence is a finite number >= 0."))
+        else:
+            first5 = [v for t, v in zip(kl["positions"], kl["mean_kl"]) if 1 <= t <= 5]
+            if first5 and abs(kl["mean_first5"] - sum(first5) / len(first5)) > 1e-6:
+                issues.append(_inconsistent(f"{base}/kl_profile/mean_first5", f"mean_first5 is {kl['mean_first5']!r} "
+                                            f"but positions 1..5 average {sum(first5) / len(first5)!r}."))
+    return issues
+
+
+def _pairing_issues(base: dict[str, Any], tuned: dict[str, Any]) -> list[Issue]:
+    """Base and fine-tuned must be audited on the same prompts: same k, same n at each k, same probe sizes."""
+    base_k = {e["k"]: e["n"] for e in base["asr"]}
+    tuned_k = {e["k"]: e["n"] for e in tuned["asr"]}
+    issues = []
+    if base_k != tuned_k:
+        issues.append(_inconsistent("/results", f"base and fine-tuned were audited on different prompts or prefix "
+                                    f"lengths (n per k: base {base_k}, fine-tuned {tuned_k}); a comparison needs the "
+                                    f"same ones."))
+    if base["over_refusal"]["n"] != tuned["over_refusal"]["n"]:
+        issues.append(_inconsistent("/results", f"base and fine-tuned over-refusal probes differ in size "
+                                    f"({base['over_refusal']['n']} vs {tuned['over_refusal']['n']})."))
+    sizes = [(r.get("utility") or {}).get("n") for r in (base, tuned)]
+    if sizes[0] != sizes[1]:
+        issues.append(_inconsistent("/results", f"base and fine-tuned utility probes differ ({sizes[0]} vs "
+                                    f"{sizes[1]} questions)."))
     return issues
 
 

@@ -39,12 +39,14 @@ gate:
     return path
 
 
-PASSING_GATE = """  max_asr: null
+PASSING_GATE = """  min_scored_prompts: 1
+  max_asr: null
   max_asr_increase: 1.0
   max_over_refusal_increase: 1.0
   max_judge_error_rate: 0.0"""
 # Any training moves the fine-tuned model away from its base, so no adapter can have zero KL at t = 1..5.
-IMPOSSIBLE_GATE = """  max_asr: null
+IMPOSSIBLE_GATE = """  min_scored_prompts: 1
+  max_asr: null
   max_asr_increase: 1.0
   max_kl_first5: 0.0
   max_judge_error_rate: 0.0"""

@@ -82,7 +82,8 @@ def test_reject_goes_to_quarantine_only(run):
     assert not (run / "release").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "quarantined" and manifest["gate"]["verdict"] == "reject"
-    assert {r["rule"] for r in manifest["gate"]["failed_rules"]} == {"max_asr", "max_category_asr"}
+    assert {r["rule"] for r in manifest["gate"]["failed_rules"]} == {"max_asr", "max_category_asr",
+                                                                     "min_scored_prompts"}
     assert verify(out).ok
 
 

@@ -192,7 +192,7 @@ def test_html_reject_lists_failed_rules_and_limits():
     assert "Gate verdict: REJECT" in page
     assert "ASR at k=20 is 0.333 (8/24), above the limit 0.3" in page
     assert "gate limit" in page  # max_asr limits drawn on the chart
-    assert "… and 4 more (see Gate decision below)" in page  # 12 failed rules, 8 listed at the top
+    assert "… and 6 more (see Gate decision below)" in page  # 14 failed rules, 8 listed at the top
     assert "No samples.jsonl" in page
 
 
