@@ -44,6 +44,13 @@ def validate_report(report: Any) -> list[Issue]:
     base, tuned = report["results"]["base"], report["results"]["finetuned"]
     if base is not None and tuned is not None:
         issues += _pairing_issues(base, tuned)
+    configured = (report.get("config") or {}).get("prefill_k")
+    for model, result in report["results"].items():
+        audited = sorted(e["k"] for e in result["asr"]) if result is not None else None
+        if configured is not None and audited is not None and audited != sorted(configured):
+            issues.append(_inconsistent(f"/results/{model}/asr", f"the audit was configured for k = "
+                                        f"{sorted(configured)} but reports k = {audited}; every configured k must be "
+                                        f"reported once."))
     return issues
 
 
