@@ -30,7 +30,7 @@ from .judges import get_judge, rate_entry, wilson_interval
 from .logprobs import final_hidden, logit_softcap, output_head
 from .models import load_model, quiet_peft_wrapping, reference, resolve_model_dir, weights_sha256
 from .policy import Policy
-from .provenance import library_versions, sha256_tree, write_json_file
+from .provenance import atomic_write_text, library_versions, sha256_tree, write_json_file
 from .report import validate_report, write_html
 from .templates import render_prompt, response_ids
 
@@ -363,13 +363,14 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                        "base_cache": "hit" if cached is not None else "miss",
                        "policy": policy.to_dict(), "wall_time_s": round(time.perf_counter() - started, 3)},
     }
+    # samples.jsonl first, its hash in report.json: the gate's paired test reads it only if it is this file.
+    samples_text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in [*base_samples, *tuned_samples])
+    atomic_write_text(out_dir / "samples.jsonl", samples_text)
+    report["samples_sha256"] = hashlib.sha256(samples_text.encode("utf-8")).hexdigest()
     problems = validate_report(report)
     if problems:  # a bug here, not a user error: never write a report the gate would misread
         raise RuntimeError("audit produced a report that fails its schema: " + "; ".join(map(str, problems)))
     write_json_file(out_dir / "report.json", report)
-    with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as handle:
-        for sample in [*base_samples, *tuned_samples]:
-            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
     write_html(out_dir)
     return AuditReport(report=report, out_dir=out_dir)
 

@@ -403,6 +403,8 @@ class GateConfig:
     max_utility_drop: float | None = setting("Ceiling on base minus fine-tuned accuracy on the utility probe.",
                                            default=None)
     max_judge_error_rate: float = setting("Ceiling on unscorable samples; 0 = fail closed on any.", default=0.0)
+    paired_alpha: float | None = setting("Exact one-sided McNemar test per k on the per-prompt verdicts "
+                                         "(samples.jsonl): reject when p < alpha (None: off).", default=None)
 
     def __post_init__(self) -> None:
         for name in ("max_asr", "max_asr_increase"):
