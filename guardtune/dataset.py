@@ -563,11 +563,14 @@ def _issue_args(issue: Issue) -> tuple[str, str, int | None, str, str]:
 
 
 def iter_records(path: str | Path, report: ValidationReport | None = None, *,
-                 max_line_bytes: int = DatasetConfig.max_line_bytes) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+                 max_line_bytes: int = DatasetConfig.max_line_bytes,
+                 sha256: str | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(line, messages) for each record; prompt/completion becomes [user, assistant]. For the training stage.
 
     With a report: it must be valid, its dropped_lines are skipped and the file must still hash to its
-    sha256. Without one, structurally invalid lines raise DatasetError (run `validate_dataset` first).
+    sha256 (or to `sha256`, when the caller validated it). Without either, structurally invalid lines raise
+    DatasetError (run `validate_dataset` first). The hash is checked when the last line has been read, so a
+    caller must consume every record before it trains on any.
     """
     if report is not None and not report.valid:
         raise DatasetError(f"{path} failed validation ({report.n_errors} errors); fix them and validate again.")
@@ -589,6 +592,7 @@ def iter_records(path: str | Path, report: ValidationReport | None = None, *,
                                    f"first.", log.issues[-1:])
             if messages is not None:
                 yield line, messages
-    if report is not None and report.sha256 and digest.hexdigest() != report.sha256:
+    expected = sha256 or (report.sha256 if report is not None else None)
+    if expected and digest.hexdigest() != expected:
         raise DatasetError(f"{path} changed since it was validated (sha256 {digest.hexdigest()[:12]} != "
-                           f"{report.sha256[:12]}). Validate it again.")
+                           f"{expected[:12]}). Validate it again.")

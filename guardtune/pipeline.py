@@ -71,14 +71,21 @@ def new_run_id(dataset_sha256: str) -> str:
     return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{dataset_sha256[:8]}"
 
 
-def _kept_lines(source: Path, dropped: set[int], target: Path) -> str:
-    """Copy every line not dropped by the risk screen, byte for byte; return the new file's sha256."""
-    digest = hashlib.sha256()
+def _kept_lines(source: Path, dropped: set[int], target: Path, validated_sha256: str) -> str:
+    """Copy every line not dropped by the risk screen, byte for byte; return the new file's sha256. The source
+    must still be the file that was validated (its whole-file hash is checked as it is copied)."""
+    digest, whole = hashlib.sha256(), hashlib.sha256()
     with source.open("rb") as src, target.open("wb") as dst:
         for number, line in enumerate(src, start=1):
+            whole.update(line)
             if number not in dropped:
                 dst.write(line)
                 digest.update(line)
+    if whole.hexdigest() != validated_sha256:
+        target.unlink()
+        raise DatasetError(f"{source} changed after it was validated (sha256 {whole.hexdigest()[:12]} != "
+                           f"{validated_sha256[:12]}); nothing was trained. Run the job again on a file that does "
+                           f"not change while it runs.")
     return digest.hexdigest()
 
 
@@ -115,7 +122,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     train_path, filtered_sha = dataset, validation.sha256
     if validation.dropped_lines:
         train_path = run_dir / "train_data.jsonl"
-        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path)
+        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path, validation.sha256)
     timings["validate"] = time.perf_counter() - t0
     if progress:
         progress("validate", "validate", 1, 1)
@@ -125,7 +132,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     cfg = train_config(policy, objective=objective, quantization=quantization, epochs=epochs, max_steps=max_steps,
                        **train_overrides)
     training = train(train_path, model=model_spec, config=cfg, policy=policy, out=run_dir,
-                     trust_remote_code=trust_remote_code, progress=stage("train"), validated=True)
+                     trust_remote_code=trust_remote_code, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
 

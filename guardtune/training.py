@@ -399,7 +399,7 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
 def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,
           out: str | Path = "guardtune-train", *, policy: Policy | str | None = None,
           trust_remote_code: bool | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-          progress: Callable[[str, int, int], None] | None = None, validated: bool = False,
+          progress: Callable[[str, int, int], None] | None = None, validated: bool | str = False,
           **overrides: Any) -> TrainResult:
     """Fine-tune `model` on `dataset` (JSONL) with LoRA/QLoRA; write DIR/adapter and DIR/train_metrics.json.
 
@@ -407,8 +407,10 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     TrainConfig, `policy` supplies the dataset limits and model settings. Keyword `overrides` (objective=,
     quantization=, epochs=, max_steps=, learning_rate=, ...) replace single TrainConfig fields. `resume=True`
     continues from the newest checkpoint in DIR/checkpoints. `progress` is called as progress(phase, done, total)
-    for the reference precompute and each optimizer step. `validated=True` skips re-validating a file the
-    caller has just validated (the pipeline).
+    for the reference precompute and each optimizer step. `validated` skips re-validating a file the caller has
+    just validated: pass the sha256 that validation read (the pipeline does), and the file is refused if it has
+    changed since (a file swapped between validation and training would train unscreened data); `True` trusts the
+    caller without a hash (data the caller generated itself, like the red team's).
     """
     started = time.perf_counter()
     out_dir = Path(out)
@@ -419,8 +421,10 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     for note in cfg.warnings():
         logger.warning(note)
 
-    report = None
-    if validated:
+    report, expected_sha256 = None, None
+    if isinstance(validated, str):
+        dataset_sha256 = expected_sha256 = validated
+    elif validated:
         dataset_sha256 = sha256_file(dataset)
     else:
         report = validate_dataset(dataset, policy=policy)
@@ -433,7 +437,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     loaded = load_model(mcfg.name, quantization=cfg.quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
-    examples = _render_examples(tokenizer, iter_records(dataset, report), cfg.max_length)
+    examples = _render_examples(tokenizer, iter_records(dataset, report, sha256=expected_sha256), cfg.max_length)
     pad_token_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
     reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
                                       "kl_anchor_positions": cfg.kl_anchor,

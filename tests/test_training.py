@@ -336,3 +336,18 @@ def test_refused_scope_anchors_only_refused_examples(tiny_model_dir, tmp_path, m
     # Same data, other anchored examples: its own reference cache entry, not the scoped run's.
     assert full.metrics["reference_detail"]["cache_key"] != result.metrics["reference_detail"]["cache_key"]
     assert full.metrics["reference_detail"]["cache_hit"] is False
+
+
+def test_a_file_changed_after_validation_is_not_trained(tiny_model_dir, data, tmp_path):
+    """The pipeline passes the sha256 validation read; a file swapped in between is refused before training."""
+    from guardtune.errors import DatasetError
+    from guardtune.provenance import sha256_file
+
+    validated = sha256_file(data)
+    swapped = tmp_path / "swapped.jsonl"
+    original = Path(data).read_bytes()
+    swapped.write_bytes(original + original.splitlines(keepends=True)[0])  # one more (valid) line
+    with pytest.raises(DatasetError, match="changed since it was validated"):
+        train(swapped, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1, batch_size=4,
+              validated=validated)
+    assert not (tmp_path / "run" / "adapter").exists()
