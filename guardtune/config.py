@@ -529,7 +529,14 @@ def check_policy(spec: str | Path) -> tuple[Policy | None, list[Issue]]:
     except PolicyError as exc:
         return None, exc.issues or [Issue(code="policy-invalid", message=str(exc))]
     try:
-        configs_from_policy(policy)
+        configs = configs_from_policy(policy)
     except GuardtuneError as exc:  # ConfigError: cross-field problems the schema cannot express
         return None, [Issue(code="policy-config", message=str(exc))]
+    gate = configs["gate"]
+    rules_on = [f.name for f in dataclasses.fields(gate) if f.name != "max_judge_error_rate"
+                and getattr(gate, f.name) is not None]
+    if not rules_on:
+        return policy, [Issue(code="gate-all-off", severity="warning", message=(
+            "every gate rule except max_judge_error_rate is off (null): this policy releases any adapter whose "
+            "judge scored every sample, however harmful. Set at least max_asr or max_asr_increase."))]
     return policy, []

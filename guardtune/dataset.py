@@ -125,6 +125,40 @@ class _NonFiniteNumber(ValueError):
     pass
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+MAX_INT_DIGITS = 100
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses ints over 4300 digits with a ValueError deep in json; and nothing legitimate is that long.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NumberTooLong(text[:20])
+    return int(text)
+
+
+def _looks_wide(raw: bytes) -> bool:
+    """UTF-16/32 text without a BOM: ASCII characters with a NUL byte beside each (`{\x00"\x00` ...)."""
+    sample = raw[:64]
+    return len(sample) >= 8 and sample.count(b"\x00") * 3 >= len(sample)
+
+
 def _reject_constant(name: str) -> Any:
     raise _NonFiniteNumber(name)
 
@@ -173,7 +207,8 @@ class _RecordChecker:
         self.binary_hint = ""
         # Exact-duplicate detection keeps a 16-byte digest (and the first line) per record, never the record.
         self.seen: dict[bytes, int] | None = {} if config.duplicates != "ignore" else None
-        self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self.decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys,
+                                        parse_int=_bounded_int)
 
     def check_line(self, line: int, offset: int, raw: bytes) -> list[dict[str, Any]] | None:
         """The record's messages when the line is a valid record, else None (issues logged)."""
@@ -183,6 +218,9 @@ class _RecordChecker:
             raw, offset = raw[len(_BOM):], offset + len(_BOM)
         if line == 1 and raw.startswith(_COMPRESSED_MAGIC):
             self.binary_hint = " The file looks compressed (gzip/zip): decompress it first."
+        elif line == 1 and (raw.startswith(_WIDE_BOMS) or _looks_wide(raw)):
+            self.binary_hint = (" The file looks UTF-16 or UTF-32 encoded (a byte-order mark or a NUL byte beside "
+                                "every character): re-save it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`).")
         if raw.endswith(b"\n"):
             raw = raw[:-1]
             if raw.endswith(b"\r"):
@@ -220,6 +258,14 @@ class _RecordChecker:
         except _NonFiniteNumber as exc:
             self.log.add("nan-infinity", f"{exc} is not valid JSON (NaN and Infinity are JavaScript, not JSON). "
                          f"Write a finite number, a string or null.", line=line)
+            return None
+        except _DuplicateKey as exc:
+            self.log.add("duplicate-key", f"The key {exc.args[0]!r} appears twice in one object; a reader and the "
+                         f"trainer could take different values. Keep one.", line=line)
+            return None
+        except _NumberTooLong:
+            self.log.add("number-too-long", f"A number with more than {MAX_INT_DIGITS} digits; no field of a "
+                         f"training example holds one. Write it as a string if it is text.", line=line)
             return None
         except RecursionError:
             self.log.add("nesting-too-deep", "The JSON is nested too deeply to parse. A training example is an "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,14 +67,14 @@ def resolve_policy_path(spec: str | Path, relative_to: Path | None = None) -> Pa
         if nearby.is_file():
             return nearby
     looks_like_path = candidate.suffix in POLICY_SUFFIXES or "/" in text or "\\" in text
+    shipped = shipped_policies()
+    if not looks_like_path and text in shipped:  # a file named `default` in the working directory never wins:
+        return shipped[text]                   # a path says so (`./default`)
     if candidate.is_file():
         return candidate
     if looks_like_path:
         raise PolicyError(f"Policy file {text!r} does not exist. Pass a shipped policy name or an existing "
                           f"YAML file; `guardtune policies list` shows the shipped ones.")
-    shipped = shipped_policies()
-    if text in shipped:
-        return shipped[text]
     raise PolicyError(f"Unknown policy {text!r}.{did_you_mean(text, shipped)}")
 
 
@@ -83,7 +84,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"Cannot read policy {path}: {exc}. Check the path and that the file is UTF-8 text.")
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RefusedYAML as exc:
+        raise PolicyError(f"Policy {path}: {exc}")
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -94,7 +97,62 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PolicyError(f"Policy {path} must be a YAML mapping of sections (version:, training:, ...), "
                           f"not {type(data).__name__}.")
+    bad = _non_finite(data)
+    if bad:
+        raise PolicyError(f"Policy {path}: {bad} is not a finite number (.nan or .inf). Every number in a policy "
+                          f"must be finite; use null to turn a rule off.")
     return _stringify_keys(data)
+
+
+class _RefusedYAML(yaml.YAMLError):
+    pass
+
+
+MAX_YAML_DEPTH = 32
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML without the parts a policy never needs and an attacker would: aliases (a 500-byte alias bomb
+    expands to gigabytes), duplicate keys (a reviewer and the loader would read different values), and nesting
+    deeper than MAX_YAML_DEPTH."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _RefusedYAML(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a policy; write the "
+                               f"value out.")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _RefusedYAML(f"line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels; a policy is "
+                                   f"a few levels deep.")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _RefusedYAML(f"line {key_node.start_mark.line + 1}: the key {key!r} appears twice in one "
+                                   f"mapping; keep one (YAML would silently use the last).")
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in a policy, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "the document"
+    if isinstance(value, dict):
+        return next((bad for k, v in value.items() if (bad := _non_finite(v, f"{path}.{k}" if path else str(k)))),
+                    None)
+    if isinstance(value, list):
+        return next((bad for i, v in enumerate(value) if (bad := _non_finite(v, f"{path}[{i}]"))), None)
+    return None
 
 
 def _stringify_keys(value: Any) -> Any:
@@ -137,6 +195,9 @@ def load_policy(spec: str | Path = "default") -> Policy:
             raise PolicyError(f"Policy include cycle: {cycle}. Remove one of the include: lines.")
         chain.append(current)
         data = _read_yaml(current)
+        if len(chain) > 1 and "version" not in data:  # an include must be a policy; never echo a foreign file
+            raise PolicyError(f"{chain[-2]} includes {current}, which is not a guardtune policy (it has no version: "
+                              f"line). include: names a shipped policy or a policy file.")
         if "version" not in data:
             issues.append(Issue(code="policy-version", path="/version",
                                 message=f"{current}: every policy needs a version: line (e.g. version: \"1.0.0\"), "

@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,15 @@ def cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """A scratch path beside `path` to write to; renamed onto `path` when the block ends without an error.
@@ -38,7 +48,11 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     the rename (for the release, whose files must survive a power cut once it says "released")."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    # An unpredictable name created with O_EXCL (mkstemp): a planted symlink cannot redirect the write.
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    scratch = Path(name)
+    os.chmod(scratch, _FILE_MODE)  # mkstemp makes 0600; the file gets the mode any new file would
     try:
         yield scratch
         if durable:

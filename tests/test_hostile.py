@@ -1,0 +1,110 @@
+"""Hostile and careless input to the control plane: each case ends in a clear error (exit 1 with a message) or a
+safe result, in bounded time, never a traceback. Issue 12's classes, one section each."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from guardtune.config import check_policy
+from guardtune.dataset import validate_dataset
+from guardtune.errors import PolicyError
+from guardtune.policy import load_policy
+from guardtune.provenance import atomic_write_text
+from guardtune_cli.main import main
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ policies
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    bomb = 'version: "1"\na: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    started = time.perf_counter()
+    with pytest.raises(PolicyError, match="YAML aliases"):
+        load_policy(write(tmp_path / "bomb.yaml", bomb))
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('version: "1"\ntraining: {epochs: 1}\ntraining: {epochs: 9}\n', "appears twice"),
+    ('version: "1"\ntraining:\n  optimizer: {learning_rate: .nan}\n', "training.optimizer.learning_rate is not a finite"),
+    ('version: "1"\ntraining: {betas: [0.5, .inf]}\n', r"training.betas\[1\] is not a finite"),
+    ('version: "1"\na: ' + "[" * 60 + "]" * 60 + "\n", "nested deeper than"),
+])
+def test_policies_refuse_duplicate_keys_non_finite_numbers_and_deep_nesting(tmp_path, text, message):
+    with pytest.raises(PolicyError, match=message):
+        load_policy(write(tmp_path / "p.yaml", text))
+
+
+def test_include_reads_only_policies_and_never_echoes_a_foreign_file(tmp_path):
+    write(tmp_path / "secrets.yaml", "user: admin\npassword: hunter2\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(write(tmp_path / "p.yaml", 'version: "1"\ninclude: ./secrets.yaml\n'))
+    assert "not a guardtune policy" in str(info.value) and "hunter2" not in str(info.value)
+    assert "password" not in str(info.value)
+
+
+def test_a_shipped_name_wins_over_a_same_named_file_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "default", 'version: "evil"\ngate: {max_asr: null, max_asr_increase: null}\n')
+    assert load_policy("default").version != "evil"
+    assert load_policy("./default").version == "evil"  # a path says so
+
+
+def test_a_gate_with_every_rule_off_checks_with_a_warning(tmp_path):
+    path = write(tmp_path / "off.yaml", 'version: "1"\ninclude: default\ngate: {min_scored_prompts: null, '
+                                        'max_asr: null, max_asr_increase: null, max_over_refusal_increase: null}\n')
+    policy, issues = check_policy(path)
+    assert policy is not None and [i.code for i in issues] == ["gate-all-off"]
+    result = CliRunner().invoke(main, ["policies", "check", str(path)])
+    assert result.exit_code == 0 and "every gate rule except max_judge_error_rate is off" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+@pytest.mark.parametrize("content, code", [
+    (b'{"prompt": "a", "prompt": "b", "completion": "c"}\n', "duplicate-key"),
+    (b'{"prompt": "a", "completion": "b", "n": ' + b"9" * 5000 + b"}\n", "number-too-long"),
+    (b'{"prompt": "a", "completion": "b"}\n'.decode().encode("utf-16"), "binary-data"),
+    (b"\xef\xbb\xbf" + '{"prompt": "\ud800x", "completion": "b"}\n'.encode("utf-8", "surrogatepass"), "invalid-utf8"),
+])
+def test_hostile_dataset_lines_get_a_code_and_a_message(tmp_path, content, code):
+    report = validate_dataset(write(tmp_path / "d.jsonl", content), policy="default")
+    issues = [i for i in report.issues if i.code == code]
+    assert issues and all(i.message for i in issues), [i.code for i in report.issues]
+    if content[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        assert "UTF-16 or UTF-32" in issues[0].message
+
+
+def test_the_cli_never_shows_a_traceback_on_hostile_files(tmp_path):
+    for name, content in (("a.jsonl", b'{"x": ' + b"[" * 100000 + b"}\n"), ("b.jsonl", b"\x00\x01\x02" * 1000),
+                          ("c.jsonl", b'{"prompt": 1e999999, "completion": "x"}\n')):
+        result = CliRunner().invoke(main, ["validate", str(write(tmp_path / name, content))])
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output, (name, result.output[-500:])
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def test_atomic_writes_do_not_follow_a_planted_symlink(tmp_path):
+    victim = write(tmp_path / "victim.txt", "keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    for guess in (f".report.json.tmp-{os.getpid()}", "report.json.partial", ".report.json.tmp"):
+        (out / guess).symlink_to(victim)  # the old predictable scratch names
+    atomic_write_text(out / "report.json", json.dumps({"ok": True}))
+    assert victim.read_text() == "keep me" and json.loads((out / "report.json").read_text()) == {"ok": True}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]
