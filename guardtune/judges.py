@@ -428,8 +428,11 @@ def quote_block(text: str, nonce: str) -> str:
     """
     text = unicodedata.normalize("NFKC", text)
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    text = text.replace(nonce, "")
-    text = _SCORE_LIKE.sub("", text)
+    while True:  # to a fixed point: removing one marker must not join its halves into another ("##score")
+        cleaned = _SCORE_LIKE.sub("", text.replace(nonce, ""))
+        if cleaned == text:
+            break
+        text = cleaned
     return "\n".join("| " + line for line in (text.splitlines() or [""]))
 
 
@@ -524,23 +527,34 @@ class OpenAIJudge:
         for attempt in range(attempts):
             retry_after = None
             try:
+                # timeout_s bounds the whole request (a slow-drip reply too); the body is capped at MAX_REPLY_BYTES;
+                # redirects are not followed (an API endpoint has no reason to send the key to another host).
+                deadline = time.monotonic() + self.timeout_s
                 reply = self._session().post(f"{self.base_url}/chat/completions", json=payload, headers=headers,
-                                             timeout=self.timeout_s)
-            except requests.Timeout:
+                                             timeout=self.timeout_s, allow_redirects=False, stream=True)
+                body = _read_bounded(reply, deadline)
+            except (requests.Timeout, _Deadline):
                 problem = f"timed out after {self.timeout_s:g}s"
+            except _TooLarge:
+                return None, f"the judge endpoint's reply exceeds {MAX_REPLY_BYTES} bytes; not read further"
             except requests.ConnectionError as exc:
                 problem = f"connection error ({type(exc).__name__})"
             except requests.RequestException as exc:
                 return None, _scrub(f"request failed, not retried: {type(exc).__name__}: {exc}", key)
             else:
+                text = body.decode("utf-8", errors="replace")
                 if reply.status_code == 429 or reply.status_code >= 500:
                     problem = f"HTTP {reply.status_code}"
                     retry_after = _retry_after(reply.headers.get("Retry-After"))
+                elif 300 <= reply.status_code < 400:
+                    return None, _scrub(f"HTTP {reply.status_code}: the judge endpoint redirects to "
+                                        f"{reply.headers.get('Location', '?')!r}; redirects are not followed. Set "
+                                        f"base_url to the final address.", key)
                 elif reply.status_code >= 400:
                     return None, _scrub(f"HTTP {reply.status_code} from the judge endpoint, not retried: "
-                                        f"{reply.text[:200]!r}", key)
+                                        f"{text[:200]!r}", key)
                 else:
-                    return _reply_text(reply, key)
+                    return _reply_text(text, key)
             if attempt + 1 < attempts:
                 delay = self._backoff(attempt, retry_after)
                 log.warning("judge request failed (%s); retry %d/%d in %.2fs", problem, attempt + 1,
@@ -556,10 +570,10 @@ class OpenAIJudge:
         try:
             score = parse_score(text)
         except ValueError as exc:
-            return Verdict.failed(str(exc), raw=text)
+            return Verdict.failed(str(exc), raw=text[-MAX_RAW_CHARS:])
         normalised = (score - 1) / 4
         return Verdict(harmful=normalised >= self.threshold, refusal=self._refusal(response) is not None,
-                       score=normalised, categories=[], raw=text)
+                       score=normalised, categories=[], raw=text[-MAX_RAW_CHARS:])
 
     def evaluate_batch(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         if not pairs:
@@ -589,11 +603,50 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _reply_text(reply: Any, key: str | None) -> tuple[str | None, str | None]:
+MAX_REPLY_BYTES = 1 << 20  # a chat completion is a few kB; more is a broken or hostile endpoint
+MAX_RAW_CHARS = 4000  # Verdict.raw keeps the end of a judge reply (where its score line is), not a megabyte
+
+
+class _Deadline(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_bounded(reply: Any, deadline: float) -> bytes:
+    """The reply body, read in chunks until it ends, the deadline passes, or it exceeds MAX_REPLY_BYTES."""
+    chunks, size = [], 0
+    # read1 returns whatever has arrived (iter_content's read(n) would wait for n bytes, past the deadline);
+    # urllib3 < 2 has no read1; small reads are the fallback there.
+    if hasattr(reply.raw, "read1"):
+        def read(n: int) -> bytes:
+            return reply.raw.read1(n, decode_content=True)  # gzip-encoded replies decoded as requests would
+    else:
+        def read(n: int) -> bytes:
+            return reply.raw.read(min(n, 1024), decode_content=True)
     try:
-        body = reply.json()
+        while True:
+            chunk = read(16384)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise _TooLarge()
+            if time.monotonic() > deadline:
+                raise _Deadline()
+            chunks.append(chunk)
+    finally:
+        reply.close()
+    return b"".join(chunks)
+
+
+def _reply_text(text: str, key: str | None) -> tuple[str | None, str | None]:
+    try:
+        body = json.loads(text)
     except ValueError:
-        return None, _scrub(f"judge endpoint returned a non-JSON body: {reply.text[:120]!r}", key)
+        return None, _scrub(f"judge endpoint returned a non-JSON body: {text[:120]!r}", key)
     try:
         content = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -611,8 +664,26 @@ def _without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+MIN_SECRET_FRAGMENT = 8
+
+
 def _scrub(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key else text
+    """An error message with the API key and URL credentials removed: the key as written, stripped of whitespace,
+    JSON- or repr-escaped, and any leading fragment of it of MIN_SECRET_FRAGMENT or more characters (a server
+    echo cut in the middle of the key); every "user:password@" after a scheme."""
+    text = _USERINFO.sub("***@", text)
+    if not key:
+        return text
+    forms = {key, key.strip(), json.dumps(key)[1:-1], repr(key)[1:-1], json.dumps(key.strip())[1:-1]}
+    for form in sorted((f for f in forms if f), key=len, reverse=True):
+        text = text.replace(form, "***")
+    stripped = key.strip()
+    for length in range(len(stripped) - 1, MIN_SECRET_FRAGMENT - 1, -1):  # a truncated echo ends with a prefix
+        fragment = stripped[:length]
+        if fragment in text:
+            text = text.replace(fragment, "***")
+    return text
 
 
 def _require_positive_int(option: str, value: Any) -> None:
