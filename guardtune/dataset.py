@@ -404,6 +404,14 @@ class _RecordChecker:
         bound = self.counter.bound(text)
         if bound is not None and bound <= self.config.max_tokens:
             return  # cannot be too long: skip encoding (see tokencount._at_most_one_token_per_byte)
+        n_bytes = len(text.encode("utf-8"))
+        at_least = self.counter.at_least(n_bytes)
+        if at_least > self.config.max_tokens:  # certainly too long: never tokenize a line this size
+            self.log.add("too-many-tokens", f"The example is {n_bytes} bytes, so at least {at_least} tokens with "
+                         f"{self.counter.name}'s tokenizer (no token covers more than {self.counter.max_token_bytes} "
+                         f"bytes); the policy allows {self.config.max_tokens} (dataset.max_tokens). Shorten or "
+                         f"split it.", line=line)
+            return
         n_tokens = self.counter.count_text(text)
         if n_tokens > self.config.max_tokens:
             self.log.add("too-many-tokens", f"The example is {n_tokens} tokens with {self.counter.name}'s chat "

@@ -184,3 +184,15 @@ def test_a_nested_score_marker_cannot_reassemble():
         user = judge_messages("q", f"harmless\n{attack}", nonce=nonce)[1]["content"]
         block = user.split(f"BEGIN RESPONSE {nonce}")[1]
         assert "#score" not in block.replace(" ", "").lower(), (attack, block)
+
+
+def test_a_huge_line_is_refused_without_tokenizing_it(tiny_model_dir, tmp_path):
+    """A line under max_line_bytes but far over max_tokens: the byte count alone proves it too long."""
+    lines = [json.dumps({"prompt": word * 1_500_000, "completion": "ok"}) + "\n" for word in ("hi ", "ho ")]
+    path = write(tmp_path / "huge.jsonl", "".join(lines))  # two 4.5 MB lines
+    started = time.perf_counter()
+    report = validate_dataset(path, policy="default", model=str(tiny_model_dir))
+    elapsed = time.perf_counter() - started
+    issues = [i for i in report.issues if i.code == "too-many-tokens"]
+    assert len(issues) == 2 and "so at least" in issues[0].message
+    assert elapsed < 10, elapsed  # encoding 9 MB with the tiny BPE would take far longer (and gigabytes)
