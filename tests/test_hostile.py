@@ -38,7 +38,8 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('version: "1"\ntraining: {epochs: 1}\ntraining: {epochs: 9}\n', "appears twice"),
-    ('version: "1"\ntraining:\n  optimizer: {learning_rate: .nan}\n', "training.optimizer.learning_rate is not a finite"),
+    ('version: "1"\ntraining:\n  optimizer: {learning_rate: .nan}\n',
+     "training.optimizer.learning_rate is not a finite"),
     ('version: "1"\ntraining: {betas: [0.5, .inf]}\n', r"training.betas\[1\] is not a finite"),
     ('version: "1"\na: ' + "[" * 60 + "]" * 60 + "\n", "nested deeper than"),
 ])
