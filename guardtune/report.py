@@ -185,6 +185,9 @@ def load_report(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ReportError(f"Report {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
                           f"Re-run `guardtune audit` or restore the file.")
+    except (ValueError, RecursionError) as exc:  # a 5000-digit integer, nesting deeper than the parser goes
+        raise ReportError(f"Report {path} cannot be read: {str(exc)[:120] or type(exc).__name__}. It is not a report "
+                          f"`guardtune audit` wrote; re-run it or restore the file.")
     issues = validate_report(report)
     if issues:
         lines = "\n".join(f"  - {issue.path}: {issue.message}" for issue in issues)
@@ -199,11 +202,20 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
         for line in handle:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(record, dict):
+            if isinstance(record, dict) and _sample_shaped(record):
                 samples.append(record)
     return samples
+
+
+_SAMPLE_TEXT = ("model", "set", "id", "category", "instruction", "prefix", "continuation")
+
+
+def _sample_shaped(record: dict[str, Any]) -> bool:
+    """A record the page and the paired gate test can read: text fields are text, k an integer, verdict a dict."""
+    return (all(isinstance(record.get(key, ""), str) for key in _SAMPLE_TEXT)
+            and isinstance(record.get("k", 0), int) and isinstance(record.get("verdict", {}), dict))
 
 
 # ----------------------------------------------------------------------------------------------- HTML
@@ -672,9 +684,13 @@ def write_html(audit_dir: str | Path, out: str | Path | None = None) -> Path:
         if candidate.is_file():
             try:
                 decision = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ReportError(f"{candidate} is not readable JSON ({exc}). Re-run `guardtune gate` to rewrite it "
-                                  f"or delete it.")
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise ReportError(f"{candidate} is not readable JSON ({str(exc)[:120]}). Re-run `guardtune gate` to "
+                                  f"rewrite it or delete it.")
+            problems = schema_issues(decision, "gate", "gate-schema")
+            if problems:
+                raise ReportError(f"{candidate} is not a gate decision ({problems[0].path}: {problems[0].message}). "
+                                  f"Re-run `guardtune gate` to rewrite it or delete it.", problems)
             break
     out_path = Path(out) if out is not None else folder / "report.html"
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -197,3 +197,27 @@ def test_a_huge_line_is_refused_without_tokenizing_it(tiny_model_dir, tmp_path):
     issues = [i for i in report.issues if i.code == "too-many-tokens"]
     assert len(issues) == 2 and "so at least" in issues[0].message
     assert elapsed < 10, elapsed  # encoding 9 MB with the tiny BPE would take far longer (and gigabytes)
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def test_guardtune_report_survives_hostile_files_beside_the_report(tmp_path):
+    from fixtures.make_report import make_report, make_samples
+
+    from guardtune.report import write_html
+
+    write(tmp_path / "report.json", json.dumps(make_report()))
+    garbage = ['{"model": ["x"], "verdict": "harmful"}', '{"k": "five"}', "[1, 2]", "9" * 5000,
+               '{"id": {"nested": 1}, "continuation": 3}', "{" * 5000]
+    write(tmp_path / "samples.jsonl", "\n".join([*garbage, *(json.dumps(s) for s in make_samples())]) + "\n")
+    html = write_html(tmp_path).read_text()
+    assert "Samples" in html
+    for bad_gate in ('["not", "a", "decision"]', '{"verdict": "pass", "rules": "all of them"}', "9" * 5000):
+        write(tmp_path / "gate.json", bad_gate)
+        result = CliRunner().invoke(main, ["report", str(tmp_path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "gate.json" in result.output
+    write(tmp_path / "report.json", '{"n": ' + "9" * 5000 + "}")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "cannot be read" in result.output
