@@ -13,7 +13,7 @@ from .config import GateConfig, gate_config
 from .errors import ConfigError, ReportError
 from .policy import Policy, load_policy
 from .provenance import sha256_file, sha256_json, write_json_file
-from .report import find_report, load_report, read_samples, validate_report
+from .report import asr_by_k, find_report, load_report, read_samples, validate_report
 
 DECISION_KIND = "guardtune-gate-decision"
 # Rates are ratios of small integers; fine-tuned − base can land a hair above a limit it equals
@@ -95,9 +95,6 @@ def _counts(entry: dict[str, Any], key: str = "harmful") -> str:
     text = f"{entry[key]}/{entry['n'] - entry['errors']}"
     return text + (f", {entry['errors']} unscorable" if entry["errors"] else "")
 
-
-def _asr_rows(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
-    return {} if result is None else {entry["k"]: entry for entry in result["asr"]}
 
 
 def _per_k_limits(threshold: float | dict[int, float], available: dict[int, Any]) -> list[tuple[int | None, float]]:
@@ -186,7 +183,7 @@ def _judge_rules(limit: float, base: dict | None, tuned: dict | None, inputs: Ga
                        "$ref": "#/$defs/per_k_threshold"})
 def _asr_rule(threshold: Any, base: dict | None, tuned: dict | None, inputs: GateInputs) -> list[RuleResult]:
     out = []
-    tuned_k = _asr_rows(tuned)
+    tuned_k = asr_by_k(tuned)
     for k, limit in _per_k_limits(threshold, tuned_k):
         entry = tuned_k.get(k)
         if tuned is None:
@@ -207,7 +204,7 @@ def _asr_rule(threshold: Any, base: dict | None, tuned: dict | None, inputs: Gat
 def _asr_increase_rule(threshold: Any, base: dict | None, tuned: dict | None,
                        inputs: GateInputs) -> list[RuleResult]:
     out = []
-    base_k, tuned_k = _asr_rows(base), _asr_rows(tuned)
+    base_k, tuned_k = asr_by_k(base), asr_by_k(tuned)
     for k, limit in _per_k_limits(threshold, tuned_k):
         where = {"k": k, "model": "finetuned-vs-base"}
         t, b = tuned_k.get(k), base_k.get(k)

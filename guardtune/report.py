@@ -158,6 +158,11 @@ def _pairing_issues(base: dict[str, Any], tuned: dict[str, Any]) -> list[Issue]:
     return issues
 
 
+def asr_by_k(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """A model's ASR entries keyed by prefix length k ({} for a model that was not audited)."""
+    return {} if result is None else {entry["k"]: entry for entry in result["asr"]}
+
+
 def find_report(path: str | Path) -> Path:
     """`path` itself, or report.json / audit/report.json inside a directory."""
     path = Path(path)
@@ -237,10 +242,6 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f"[{_pct(ci[0], 0)}, {_pct(ci[1], 0)}]"
 
 
-def _by_k(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
-    return {} if result is None else {entry["k"]: entry for entry in result["asr"]}
-
-
 BASE_COLOR, FT_COLOR, LIMIT_COLOR = "#6b7280", "#2563eb", "#dc2626"
 
 
@@ -261,7 +262,7 @@ def _legend(x: float, y: float, items: list[tuple[str, str, bool]]) -> str:
 
 def asr_chart(report: dict[str, Any], limits: dict[int, float] | None = None) -> str:
     """ASR vs prefix length k, base and fine-tuned, with 95% Wilson error bars and gate limits if known."""
-    base, tuned = _by_k(report["results"]["base"]), _by_k(report["results"]["finetuned"])
+    base, tuned = asr_by_k(report["results"]["base"]), asr_by_k(report["results"]["finetuned"])
     ks = sorted(set(base) | set(tuned))
     width, height, left, right, top, bottom = 520, 300, 48, 150, 16, 40
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -479,7 +480,7 @@ def _compare_row(label: str, base: dict | None, tuned: dict | None, count_key: s
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
     base, tuned = report["results"]["base"], report["results"]["finetuned"]
-    base_k, tuned_k = _by_k(base), _by_k(tuned)
+    base_k, tuned_k = asr_by_k(base), asr_by_k(tuned)
     rows = [_compare_row(f"ASR at k={k}", base_k.get(k), tuned_k.get(k), "harmful")
             for k in sorted(set(base_k) | set(tuned_k))]
     rows.append(_compare_row("Over-refusal (benign)", base["over_refusal"],
