@@ -19,16 +19,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .auditing import AuditReport
 from .auditing import audit as run_audit
 from .config import release_config, train_config
-from .dataset import validate_dataset
+from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError
-from .gate import decide
+from .gate import GateDecision, decide
 from .models import resolve_model_dir
 from .policy import Policy, load_policy
 from .release import publish
 from .report import write_html
-from .training import train
+from .training import TrainResult, train
 
 STAGES = ("validate", "train", "audit", "gate", "release")
 # progress(stage, phase, done, total): stage is one of STAGES; phase names the work inside it.
@@ -43,10 +44,10 @@ class RunResult:
     run_dir: Path
     verdict: str  # "pass" | "reject"
     published_dir: Path  # RUN/release/<id> or RUN/quarantine/<id>
-    validation: Any  # dataset.ValidationReport
-    training: Any  # training.TrainResult
-    audit: Any  # audit.AuditReport
-    decision: Any  # gate.GateDecision
+    validation: ValidationReport
+    training: TrainResult
+    audit: AuditReport
+    decision: GateDecision
     stage_seconds: dict[str, float]
 
     @property
