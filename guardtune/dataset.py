@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, Iterator
 from .config import DatasetConfig, dataset_config, model_config
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
-from .provenance import write_json_file
+from .provenance import canonical_json, write_json_file
 from .schemas import schema_issues
 from .screen import screen_judge, screen_records
 from .templates import to_messages
@@ -383,8 +383,7 @@ class _RecordChecker:
     def _is_duplicate(self, record: dict[str, Any], line: int) -> bool:
         if self.seen is None:
             return False
-        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        digest = hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
+        digest = hashlib.blake2b(canonical_json(record).encode("utf-8"), digest_size=16).digest()
         first = self.seen.setdefault(digest, line)
         if first == line:
             return False

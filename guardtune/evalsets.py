@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import ConfigError, DatasetError, Issue, did_you_mean
+from .provenance import sha256_json
 
 # MLCommons hazard taxonomy as used by Llama Guard 3. The shipped set has no S4 or S12 prompts (DATA.md).
 HAZARD_CATEGORIES: dict[str, str] = {
@@ -169,8 +169,7 @@ def sample(prompts: Sequence[AuditPrompt], n: int | None, seed: int = 0) -> list
 
 def set_sha256(prompts: Iterable[AuditPrompt]) -> str:
     """sha256 of the canonical JSON of the prompt list (order matters), recorded in every report."""
-    canonical = json.dumps([p.to_dict() for p in prompts], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return sha256_json([p.to_dict() for p in prompts])
 
 
 _STOPWORDS = frozenset(
