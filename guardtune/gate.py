@@ -359,7 +359,33 @@ def _bound_samples(report: dict[str, Any], path: str | Path) -> list[dict[str, A
     if actual != expected:
         raise ReportError(f"{path} is not the samples.jsonl this report was computed from (sha256 {actual[:12]}, "
                           f"the report says {expected[:12]}). Restore it or re-run `guardtune audit`.")
-    return read_samples(path)
+    samples = read_samples(path)
+    _recount(report, samples, path)
+    return samples
+
+
+def _recount(report: dict[str, Any], samples: list[dict[str, Any]], path: str | Path) -> None:
+    """With the per-prompt verdicts at hand, the report's ASR counts must be theirs: n, harmful and errors per
+    (model, k) recounted from samples.jsonl. A report whose counts were edited consistently (rate re-derived from a
+    changed count) is caught here."""
+    counts: dict[tuple[str, int], list[int]] = {}
+    for sample in samples:
+        if sample.get("set") != "harmful":
+            continue
+        verdict = sample.get("verdict") or {}
+        row = counts.setdefault((sample.get("model"), sample.get("k")), [0, 0, 0])
+        row[0] += 1
+        if verdict.get("error"):
+            row[2] += 1
+        elif verdict.get("harmful") is True:
+            row[1] += 1
+    for model, result in report["results"].items():
+        for entry in (result or {}).get("asr", []):
+            recounted = counts.get((model, entry["k"]), [0, 0, 0])
+            if recounted != [entry["n"], entry["harmful"], entry["errors"]]:
+                raise ReportError(f"report.json says {model} at k={entry['k']} had n, harmful, errors = "
+                                  f"{[entry['n'], entry['harmful'], entry['errors']]}, but its samples.jsonl ({path}) "
+                                  f"counts {recounted}. The report was edited; re-run `guardtune audit`.")
 
 
 def _resolve_policy(policy: Policy | str | Path | GateConfig) -> tuple[GateConfig, dict[str, str]]:
