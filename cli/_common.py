@@ -8,9 +8,22 @@ from typing import Any, Iterable
 
 import click
 
+from guardtune.config import choices, help_for
+
 policy_option = click.option("--policy", "-p", default="default", show_default=True, metavar="NAME|PATH",
                              help="Shipped policy name (`guardtune policies list`) or a policy YAML file.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def setting_option(*decls: str, config: type, name: str, note: str = "the policy's", **kwargs: Any) -> Any:
+    """A CLI option for one declared setting (guardtune.config): its choices and help come from the declaration;
+    `note` says where the value comes from when the option is not given."""
+    allowed = choices(config, name)
+    if allowed:
+        kwargs.setdefault("type", click.Choice([str(c) for c in allowed]))
+    kwargs.setdefault("default", None)
+    kwargs.setdefault("help", f"{help_for(config, name)} (default: {note}.)" if note else help_for(config, name))
+    return click.option(*decls, **kwargs)
 
 
 def echo_json(payload: Any) -> None:

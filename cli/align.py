@@ -7,15 +7,15 @@ import sys
 
 import click
 
-from ._common import StageProgress, echo_json, json_option, policy_option
+from guardtune.config import AlignConfig
+
+from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
 
 
 @click.command()
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Base model to align: embedded name, local directory or hub id (default: the policy's model).")
-@click.option("--mode", type=click.Choice(["deep", "shallow"]), default=None,
-              help="deep: refuse even after a harmful answer has started (Qi et al. 2025, Sec. 3); "
-                   "shallow: instruction -> refusal only (default: the policy's align.mode).")
+@setting_option("--mode", config=AlignConfig, name="mode")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @policy_option
 @click.option("--merge", is_flag=True, help="Also write OUT/merged: the base with the adapter merged in, a model "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import StageProgress, echo_json, json_option, policy_option
+from guardtune.config import TrainConfig
+
+from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
 
 
 def format_asr_table(rows: list[dict]) -> list[str]:
@@ -46,8 +48,8 @@ def format_side_metrics(report: dict) -> list[str]:
 @policy_option
 @click.option("--out", "-o", default="guardtune-audit", show_default=True, type=click.Path(file_okay=False),
               help="Where report.json, samples.jsonl and report.html go.")
-@click.option("--quant", "quantization", type=click.Choice(["none", "nf4"]), default="none", show_default=True,
-              help="Load the base in NF4 (audit a QLoRA adapter on the base it was trained on).")
+@setting_option("--quant", "quantization", config=TrainConfig, name="quantization", default="none", show_default=True,
+                note="", help="Load the base in NF4 (audit a QLoRA adapter on the base it was trained on).")
 @click.option("--sample", "sample", type=int, default=None,
               help="Audit a seeded sample of this many harmful and benign prompts (CPU runs).")
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens generated per continuation.")

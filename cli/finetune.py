@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import StageProgress, echo_json, json_option, policy_option
+from guardtune.config import TrainConfig
+
+from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
 
 
 @click.command()
@@ -12,10 +14,8 @@ from ._common import StageProgress, echo_json, json_option, policy_option
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Embedded name, local directory or hub id (default: the policy's model).")
 @policy_option
-@click.option("--objective", type=click.Choice(["constrained", "paper", "sft"]), default=None,
-              help="Training objective (default: the policy's, normally constrained).")
-@click.option("--quant", "quantization", type=click.Choice(["none", "nf4"]), default=None,
-              help="nf4 = QLoRA on a 4-bit base.")
+@setting_option("--objective", config=TrainConfig, name="objective")
+@setting_option("--quant", "quantization", config=TrainConfig, name="quantization")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
               help="Run directory (default: guardtune-runs/<run id>).")
 @click.option("--epochs", type=float, default=None, help="Passes over the data.")

@@ -52,7 +52,7 @@ def show_policy(name: str, as_json: bool) -> None:
 @json_option
 def check_policy_cmd(path: str, as_json: bool) -> None:
     """Validate a policy file (schema, includes, cross-field checks). Exit 1 if invalid."""
-    from guardtune.policy import check_policy
+    from guardtune.config import check_policy
 
     policy, issues = check_policy(path)
     if as_json:
@@ -60,6 +60,8 @@ def check_policy_cmd(path: str, as_json: bool) -> None:
                    "issues": [i.to_dict() for i in issues]})
     elif policy is not None:
         click.echo(f"ok: {policy.name} v{policy.version} (sha256 {policy.sha256[:12]})")
+        for issue in issues:
+            click.secho(f"  warning: {issue.message}", fg="yellow", err=True)
     else:
         click.secho(f"invalid policy {path}:", fg="red", err=True)
         for issue in issues:

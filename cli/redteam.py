@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import click
 
+from guardtune.config import ATTACKS, TrainConfig, choices
+
 from ._common import StageProgress, echo_json, json_option, policy_option
 
-ATTACK_NAMES = ["harmful", "identity-shift", "backdoor", "benign"]
 
 
 @click.command()
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="The aligned model to attack (default: the policy's model).")
-@click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACK_NAMES),
+@click.option("--attack", "attacks", multiple=True, type=click.Choice(ATTACKS),
               help="Attack to run; repeat for several (default: all four).")
-@click.option("--objective", "objectives", multiple=True, type=click.Choice(["sft", "paper", "constrained"]),
+@click.option("--objective", "objectives", multiple=True, type=click.Choice(choices(TrainConfig, "objective")),
               help="Training objective of the attacker's fine-tune; repeat for several (default: sft and "
                    "constrained; paper is Eq. 3 alone).")
 @click.option("--seeds", type=int, default=None, help="Seeds per (attack, objective) (default: the policy's).")
@@ -32,7 +33,8 @@ def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_s
 
     Writes OUT/redteam.json and OUT/redteam.md. The training-data risk screen is bypassed on purpose.
     """
-    from guardtune.redteaming import ATTACKS, DEFAULT_OBJECTIVES, redteam as run_redteam
+    from guardtune.redteaming import DEFAULT_OBJECTIVES
+    from guardtune.redteaming import redteam as run_redteam
 
     with StageProgress() as bar:
         result = run_redteam(model=model, attacks=attacks or ATTACKS,

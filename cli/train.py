@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import StageProgress, echo_json, json_option, policy_option
+from guardtune.config import TrainConfig
+
+from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
 
 
 @click.command()
@@ -13,12 +15,9 @@ from ._common import StageProgress, echo_json, json_option, policy_option
               help="Embedded name, local directory or hub id (default: the policy's model).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @policy_option
-@click.option("--objective", type=click.Choice(["constrained", "paper", "sft"]), default=None,
-              help="Training objective (default: the policy's, normally constrained).")
-@click.option("--reference", type=click.Choice(["cached", "online"]), default=None,
-              help="Reference log-probs computed once and cached, or recomputed every step.")
-@click.option("--quant", "quantization", type=click.Choice(["none", "nf4"]), default=None,
-              help="nf4 = QLoRA on a 4-bit base (bitsandbytes).")
+@setting_option("--objective", config=TrainConfig, name="objective")
+@setting_option("--reference", config=TrainConfig, name="reference")
+@setting_option("--quant", "quantization", config=TrainConfig, name="quantization")
 @click.option("--epochs", type=float, default=None, help="Passes over the data.")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate.")

@@ -19,15 +19,23 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from . import evalsets
+from .cache import json_path, read_json, write_json
 from .config import AlignConfig, align_config, as_dict, resolve_stage
 from .errors import DatasetError
+from .evalsets import load_refusals, sample, set_sha256
+from .generation import Answer, counting, write_answers
+from .judges import is_refusal
+from .models import attach_lora, load_model, resolve_model_dir, weights_sha256
 from .policy import Policy
+from .provenance import library_versions, sha256_file, sha256_json, write_json_file
+from .templates import render_chat, response_ids
+from .training import fit
 
 ALIGN_CACHE_FORMAT = 1  # bump when cached answers change meaning
 MIN_HARMFUL_ANSWER_TOKENS = 8
@@ -72,40 +80,10 @@ class AnchorExample:
     answer: str  # the base model's own answer before alignment
 
 
-def load_refusals(spec: str = "builtin") -> list[str]:
-    """Refusal texts: the shipped align_refusals.jsonl or a JSONL of {"text": ...}."""
-    if spec == "builtin":
-        text = resources.files("guardtune.data").joinpath("align_refusals.jsonl").read_text("utf-8")
-        source = "builtin align_refusals.jsonl"
-    else:
-        path = Path(spec).expanduser()
-        try:
-            text = path.read_text("utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"Cannot read the refusals file {path}: {exc}. Pass a UTF-8 JSONL of "
-                               f'{{"text": "..."}} objects, or "builtin".') from exc
-        source = str(path)
-    refusals = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{source} line {number}: not valid JSON ({exc.msg}).") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise DatasetError(f'{source} line {number}: expected {{"text": "<a refusal>"}}.')
-        refusals.append(record["text"].strip())
-    if not refusals:
-        raise DatasetError(f"{source} holds no refusals; alignment needs at least one.")
-    return refusals
-
 
 def split_holdout(prompts: Sequence[Any], n: int) -> tuple[list[Any], list[Any]]:
     """(train, holdout): a category-stratified seeded sample of n prompts is held out. The split seed is fixed (0)
     so sweeps over training seeds all tune on the same held-out prompts."""
-    from .evalsets import sample
-
     if n <= 0:
         return list(prompts), []
     held = sample(prompts, n, seed=0)
@@ -124,9 +102,6 @@ def _cut_unfinished(text: str) -> str:
 def _answers(loaded: Any, prompts: Sequence[tuple[str, str | None]], tokens: int, batch_size: int, kind: str,
              progress: Progress | None) -> tuple[list[Any], bool]:
     """Greedy answers of `loaded` to (instruction, opener) pairs, cached by weights + prompts + length."""
-    from .cache import json_path, read_json, write_json
-    from .generation import Answer, counting, write_answers
-
     path = json_path(f"align/{kind}", {"format": ALIGN_CACHE_FORMAT, "model_sha256": loaded.info.weights_sha256,
                                        "tokens": tokens, "prompts": [[i, o or ""] for i, o in prompts]})
     cached = read_json(path)
@@ -147,9 +122,6 @@ def build_harmful(loaded_answerer: Any, prompts: Sequence[Any], cfg: AlignConfig
                   progress: Progress | None) -> tuple[list[HarmfulExample], dict[str, Any]]:
     """Harmful answers h for each instruction (opener prefilled), written by the unaligned answer model.
     Answers that are refusals (the answer model declined) or too short to prefix are dropped and counted."""
-    from .judges import is_refusal
-    from .templates import response_ids
-
     answers, hit = _answers(loaded_answerer, [(p.instruction, p.opener) for p in prompts], cfg.harmful_answer_tokens,
                             batch_size=64, kind="harmful-answers", progress=progress)
     tokenizer = loaded_answerer.tokenizer
@@ -169,8 +141,6 @@ def build_anchors(loaded_base: Any, prompts: Sequence[Any], cfg: AlignConfig,
                   progress: Progress | None) -> tuple[list[AnchorExample], dict[str, Any]]:
     """Utility anchors: the base model's own answers to benign prompts. A refusal is dropped (training it would
     teach over-refusal); an answer cut by the token limit keeps its complete sentences."""
-    from .judges import is_refusal
-
     answers, hit = _answers(loaded_base, [(p.instruction, None) for p in prompts], cfg.anchor_answer_tokens,
                             batch_size=64, kind="anchor-answers", progress=progress)
     kept, refused, empty = [], 0, 0
@@ -199,7 +169,6 @@ class RecoveryDataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer: Any, harmful: Sequence[HarmfulExample], anchors: Sequence[AnchorExample],
                  refusals: Sequence[str], cfg: AlignConfig):
-        from .templates import response_ids
 
         if not harmful:
             raise DatasetError("No harmful examples are left to align on (all were held out or dropped); lower "
@@ -231,8 +200,6 @@ class RecoveryDataset(torch.utils.data.Dataset):
         return recovery, k, refusal
 
     def _render(self, kind: str, i: int, refusal: int, recovery: bool = False) -> Any:
-        from .templates import render_chat
-
         key = (kind, i, refusal, recovery)
         if key not in self._rendered:
             if kind == "harmful":
@@ -283,9 +250,6 @@ class RecoveryDataset(torch.utils.data.Dataset):
 # --- the job ---------------------------------------------------------------------------------------------------
 
 def _sets_sha256(harmful: Sequence[Any], anchors: Sequence[Any], refusals: Sequence[str]) -> dict[str, str]:
-    from .evalsets import set_sha256
-    from .report import sha256_json
-
     return {"harmful": set_sha256(harmful), "anchors": set_sha256(anchors), "refusals": sha256_json(list(refusals))}
 
 
@@ -307,10 +271,6 @@ def align(model: str | None = None, mode: str | None = None, out: str | Path = "
     (learning_rate=, epochs=, seed=, ...). `export=DIR` also writes the adapter in float16 with a build manifest
     (how the shipped demo base is made); `command` is recorded there. `progress(phase, done, total)`.
     """
-    from . import evalsets
-    from .models import attach_lora, load_model, resolve_model_dir, weights_sha256
-    from .training import fit, library_versions
-
     started = time.perf_counter()
     if mode is not None:
         overrides["mode"] = mode
@@ -374,7 +334,7 @@ def align(model: str | None = None, mode: str | None = None, out: str | Path = "
         export_dir = export_adapter(fitted.adapter_dir, Path(export), metrics)
     metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
     metrics_path = out_dir / "align_metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_file(metrics_path, metrics)
     return AlignResult(out_dir=out_dir, adapter_dir=fitted.adapter_dir, merged_dir=merged_dir, export_dir=export_dir,
                        metrics_path=metrics_path, metrics=metrics, model=peft_model)
 
@@ -385,7 +345,6 @@ def export_adapter(adapter_dir: Path, dest: Path, metrics: dict[str, Any]) -> Pa
     in magnitude and lose nothing that shows in the audit (docs/alignment.md)."""
     from safetensors.torch import load_file, save_file
 
-    from .release import sha256_file
 
     dest.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))

@@ -16,15 +16,23 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from . import evalsets, losses
+from .cache import json_path, read_json, write_json
 from .config import AuditConfig, as_dict, audit_config, resolve_stage
 from .errors import ConfigError, DatasetError
-from .cache import read_json, write_json
+from .evalsets import is_correct
 from .generation import Progress, counting, generate, write_answers
+from .judges import get_judge, rate_entry, wilson_interval
+from .logprobs import final_hidden, logit_softcap, output_head
+from .models import load_model, quiet_peft_wrapping, reference, resolve_model_dir, weights_sha256
 from .policy import Policy
+from .provenance import atomic_write_text, library_versions, sha256_tree, write_json_file
+from .report import validate_report, write_html
+from .templates import render_prompt, response_ids
 
 # Bump when cached base results or generated prefixes change meaning.
 AUDIT_CACHE_FORMAT = 1
@@ -65,20 +73,6 @@ class AuditReport:
                                  for name, res in self.report["results"].items()}}
 
 
-# --- statistics ----------------------------------------------------------------------------------------------
-
-def _rate_entry(verdicts: Sequence[Any], field: str) -> dict[str, Any]:
-    from .report import wilson_interval
-
-    n = len(verdicts)
-    errors = sum(1 for v in verdicts if v.error is not None)
-    hits = sum(1 for v in verdicts if v.error is None and getattr(v, field))
-    scored = n - errors
-    lo, hi = wilson_interval(hits, scored)
-    return {"n": n, "errors": errors, "rate": hits / scored if scored else 0.0, "ci95": [lo, hi],
-            ("harmful" if field == "harmful" else "refusals"): hits}
-
-
 # --- the audit -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -91,8 +85,6 @@ class _Target:
 
 
 def _cache_path(kind: str, payload: dict[str, Any]) -> Path:
-    from .cache import json_path
-
     return json_path(f"audit/{kind}", {"format": AUDIT_CACHE_FORMAT, **payload})
 
 
@@ -122,8 +114,6 @@ def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Pro
     The prefix model answers each instruction with its opener prefilled, greedily, for `prefix_tokens` tokens.
     When the prefix model is the audited base itself, the loaded model is reused with its adapter disabled.
     """
-    from .models import load_model, reference, resolve_model_dir, weights_sha256
-
     prefix_dir = resolve_model_dir(cfg.prefix_model)
     prefix_sha = weights_sha256(prefix_dir)
     payload = {"model_sha256": prefix_sha, "tokens": cfg.prefix_tokens,
@@ -162,9 +152,6 @@ def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: li
     Every (k, prompt) continuation, benign probe and utility question goes through one generate() call, so
     batches are filled across prefix lengths (fewer, fuller batches: ~1.5x faster on CPU than one call per k).
     """
-    from .evalsets import is_correct
-    from .report import wilson_interval
-
     attacks = [(k, t, t.response_ids[:k]) for k in cfg.prefill_k for t in targets]
     inputs = [t.prompt_ids + prefix for _, t, prefix in attacks] + benign_ids + utility_ids
     instructions = [t.prompt.instruction for _, t, _ in attacks] + [p.instruction for p in benign]
@@ -181,10 +168,10 @@ def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: li
     asr, by_category = [], {}
     for k in cfg.prefill_k:
         rows = [(t, prefix, text, v) for (kk, t, prefix), text, v in zip(attacks, texts, attack_verdicts) if kk == k]
-        asr.append({"k": k, **_rate_entry([v for *_, v in rows], "harmful")})
+        asr.append({"k": k, **rate_entry([v for *_, v in rows], "harmful")})
         for category in sorted({t.prompt.category for t, *_ in rows}):
             members = [v for t, _, _, v in rows if t.prompt.category == category]
-            by_category.setdefault(category, []).append({"k": k, **_rate_entry(members, "harmful")})
+            by_category.setdefault(category, []).append({"k": k, **rate_entry(members, "harmful")})
         for t, prefix, text, verdict in rows:
             samples.append({"model": name, "set": "harmful", "id": t.prompt.id, "category": t.prompt.category,
                             "instruction": t.prompt.instruction, "k": k, "effective_k": len(prefix),
@@ -204,7 +191,7 @@ def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: li
                             "instruction": q.question, "k": 0, "effective_k": 0, "prefix": "", "continuation": text,
                             "verdict": {"correct": ok, "answers": list(q.answers)}})
     errors = sum(1 for v in verdicts if v.error is not None)
-    result = {"asr": asr, "asr_by_category": by_category, "over_refusal": _rate_entry(benign_verdicts, "refusal"),
+    result = {"asr": asr, "asr_by_category": by_category, "over_refusal": rate_entry(benign_verdicts, "refusal"),
               "utility": utility_result, "kl_profile": None,
               "judge_errors": {"samples": len(verdicts), "errors": errors,
                                "rate": errors / len(verdicts) if verdicts else 0.0}}
@@ -220,10 +207,6 @@ def kl_profile(model, targets: list[_Target], positions: int, batch_size: int,
     tokens; only examples whose response reaches t count towards t. Computed from final hidden states through
     the output layer in chunks (losses.chunked_kl), never as full [B, T, V] logits.
     """
-    from . import losses
-    from .models import reference
-    from .training import final_hidden, logit_softcap, output_head
-
     sums = [0.0] * positions
     counts = [0] * positions
     device = next(model.parameters()).device
@@ -278,14 +261,6 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=, ...). Base results are cached
     by base weights hash + audit configuration; `use_cache=False` recomputes them.
     """
-    from . import evalsets
-    from .judges import get_judge
-    from .models import load_model
-    from .report import validate_report, write_html
-    from .templates import render_prompt, response_ids
-    from .release import sha256_tree
-    from .training import library_versions
-
     started = time.perf_counter()
     policy, cfg, mcfg = resolve_stage(audit_config, config, policy, model, overrides)
     if trust_remote_code is not None:
@@ -319,7 +294,7 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                               f"raise audit.prefix_tokens.")
     benign_ids = [prompt_ids(p.instruction) for p in benign]
     utility_ids = [prompt_ids(q.question) for q in utility]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
 
     sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign),
                 "utility": evalsets.set_sha256(utility)}
@@ -333,7 +308,6 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     if adapter is not None:
         from peft import PeftModel
 
-        from .models import quiet_peft_wrapping
 
         with quiet_peft_wrapping():
             model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
@@ -343,8 +317,6 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
     if cached is not None:
         base_result, base_samples = cached["result"], cached["samples"]
     else:
-        from .models import reference
-
         with reference(model_obj):
             base_result, base_samples = _run_model("base", model_obj, tokenizer, judge, cfg, targets, benign,
                                                    benign_ids, utility, utility_ids, progress)
@@ -391,13 +363,14 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                        "base_cache": "hit" if cached is not None else "miss",
                        "policy": policy.to_dict(), "wall_time_s": round(time.perf_counter() - started, 3)},
     }
+    # samples.jsonl first, its hash in report.json: the gate's paired test reads it only if it is this file.
+    samples_text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in [*base_samples, *tuned_samples])
+    atomic_write_text(out_dir / "samples.jsonl", samples_text)
+    report["samples_sha256"] = hashlib.sha256(samples_text.encode("utf-8")).hexdigest()
     problems = validate_report(report)
     if problems:  # a bug here, not a user error: never write a report the gate would misread
         raise RuntimeError("audit produced a report that fails its schema: " + "; ".join(map(str, problems)))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as handle:
-        for sample in [*base_samples, *tuned_samples]:
-            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    write_json_file(out_dir / "report.json", report)
     write_html(out_dir)
     return AuditReport(report=report, out_dir=out_dir)
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from .provenance import atomic_write_text, cache_dir
 
 
 def json_path(kind: str, payload: dict[str, Any]) -> Path:
     """<cache>/<kind>/<sha256 of payload>.json; `kind` may hold slashes ("audit/base")."""
-    from .models import cache_dir
-
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return cache_dir() / kind / f"{key}.json"
 
@@ -28,7 +27,4 @@ def read_json(path: Path) -> Any:
 
 def write_json(path: Path, value: Any) -> None:
     """Write through a temporary file and rename, so a reader never sees half a value."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(value))

@@ -5,22 +5,22 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from .config import DatasetConfig, dataset_config, model_config
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
+from .provenance import canonical_json, write_json_file
+from .schemas import schema_issues
 from .screen import screen_judge, screen_records
+from .templates import to_messages
 from .tokencount import TokenCounter
 
-SCHEMAS = {"chat": "dataset_chat.schema.json", "prompt_completion": "dataset_prompt.schema.json"}
+SCHEMAS = {"chat": "dataset_chat", "prompt_completion": "dataset_prompt"}  # guardtune/schemas/<name>.schema.json
 FORMAT_LABELS = {"chat": 'chat ({"messages": [...]})',
                  "prompt_completion": 'prompt/completion ({"prompt": ..., "completion": ...})'}
 ROLES = ("system", "user", "assistant")
@@ -79,12 +79,7 @@ class ValidationReport:
 
     def write(self, path: str | Path) -> Path:
         """Write validation.json atomically (a crash never leaves half a report for the next stage)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, target)
-        return target
+        return write_json_file(path, self.to_dict())
 
     @classmethod
     def read(cls, path: str | Path) -> "ValidationReport":
@@ -130,16 +125,44 @@ class _NonFiniteNumber(ValueError):
     pass
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+MAX_INT_DIGITS = 100
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses ints over 4300 digits with a ValueError deep in json; and nothing legitimate is that long.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NumberTooLong(text[:20])
+    return int(text)
+
+
+def _looks_wide(raw: bytes) -> bool:
+    """UTF-16/32 text without a BOM: ASCII characters with a NUL byte beside each (`{\x00"\x00` ...)."""
+    sample = raw[:64]
+    return len(sample) >= 8 and sample.count(b"\x00") * 3 >= len(sample)
+
+
 def _reject_constant(name: str) -> Any:
     raise _NonFiniteNumber(name)
 
 
-@lru_cache(maxsize=None)
-def _validator(fmt: str) -> Any:
-    import jsonschema
-
-    schema = json.loads(resources.files("guardtune").joinpath(f"schemas/{SCHEMAS[fmt]}").read_text("utf-8"))
-    return jsonschema.Draft202012Validator(schema)
 
 
 def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
@@ -166,8 +189,6 @@ def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
     return True
 
 
-def _pointer(parts: Any) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 class _RecordChecker:
@@ -186,7 +207,8 @@ class _RecordChecker:
         self.binary_hint = ""
         # Exact-duplicate detection keeps a 16-byte digest (and the first line) per record, never the record.
         self.seen: dict[bytes, int] | None = {} if config.duplicates != "ignore" else None
-        self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self.decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys,
+                                        parse_int=_bounded_int)
 
     def check_line(self, line: int, offset: int, raw: bytes) -> list[dict[str, Any]] | None:
         """The record's messages when the line is a valid record, else None (issues logged)."""
@@ -196,6 +218,9 @@ class _RecordChecker:
             raw, offset = raw[len(_BOM):], offset + len(_BOM)
         if line == 1 and raw.startswith(_COMPRESSED_MAGIC):
             self.binary_hint = " The file looks compressed (gzip/zip): decompress it first."
+        elif line == 1 and (raw.startswith(_WIDE_BOMS) or _looks_wide(raw)):
+            self.binary_hint = (" The file looks UTF-16 or UTF-32 encoded (a byte-order mark or a NUL byte beside "
+                                "every character): re-save it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`).")
         if raw.endswith(b"\n"):
             raw = raw[:-1]
             if raw.endswith(b"\r"):
@@ -233,6 +258,14 @@ class _RecordChecker:
         except _NonFiniteNumber as exc:
             self.log.add("nan-infinity", f"{exc} is not valid JSON (NaN and Infinity are JavaScript, not JSON). "
                          f"Write a finite number, a string or null.", line=line)
+            return None
+        except _DuplicateKey as exc:
+            self.log.add("duplicate-key", f"The key {exc.args[0]!r} appears twice in one object; a reader and the "
+                         f"trainer could take different values. Keep one.", line=line)
+            return None
+        except _NumberTooLong:
+            self.log.add("number-too-long", f"A number with more than {MAX_INT_DIGITS} digits; no field of a "
+                         f"training example holds one. Write it as a string if it is text.", line=line)
             return None
         except RecursionError:
             self.log.add("nesting-too-deep", "The JSON is nested too deeply to parse. A training example is an "
@@ -280,12 +313,11 @@ class _RecordChecker:
                          f"convert this line or split the file.", line=line)
             return None
         if not _plainly_valid(fmt, record):
-            for error in sorted(_validator(fmt).iter_errors(record), key=lambda e: list(map(str, e.absolute_path))):
-                for path, message in _explain(error):
-                    self.log.add("schema", message, line=line, path=path)
+            for issue in schema_issues(record, SCHEMAS[fmt], "schema"):
+                self.log.add("schema", issue.message, line=line, path=issue.path)
             if self.log.n_errors > errors_before:
                 return None
-        messages = _to_messages(record)
+        messages = to_messages(record)
         self._check_structure(messages, fmt, line)
         if self.log.n_errors > errors_before:
             return None
@@ -351,8 +383,7 @@ class _RecordChecker:
     def _is_duplicate(self, record: dict[str, Any], line: int) -> bool:
         if self.seen is None:
             return False
-        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        digest = hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
+        digest = hashlib.blake2b(canonical_json(record).encode("utf-8"), digest_size=16).digest()
         first = self.seen.setdefault(digest, line)
         if first == line:
             return False
@@ -372,6 +403,14 @@ class _RecordChecker:
         bound = self.counter.bound(text)
         if bound is not None and bound <= self.config.max_tokens:
             return  # cannot be too long: skip encoding (see tokencount._at_most_one_token_per_byte)
+        n_bytes = len(text.encode("utf-8"))
+        at_least = self.counter.at_least(n_bytes)
+        if at_least > self.config.max_tokens:  # certainly too long: never tokenize a line this size
+            self.log.add("too-many-tokens", f"The example is {n_bytes} bytes, so at least {at_least} tokens with "
+                         f"{self.counter.name}'s tokenizer (no token covers more than {self.counter.max_token_bytes} "
+                         f"bytes); the policy allows {self.config.max_tokens} (dataset.max_tokens). Shorten or "
+                         f"split it.", line=line)
+            return
         n_tokens = self.counter.count_text(text)
         if n_tokens > self.config.max_tokens:
             self.log.add("too-many-tokens", f"The example is {n_tokens} tokens with {self.counter.name}'s chat "
@@ -395,42 +434,6 @@ class _RecordChecker:
             log.add("too-many-examples", f"{self.n_records} records; the policy allows at most "
                     f"{config.max_examples} (dataset.max_examples). Split the dataset or sample it.")
 
-
-def _to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    if "messages" in record:
-        return record["messages"]
-    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-
-
-def _explain(error: Any) -> list[tuple[str, str]]:
-    """(JSON pointer, message saying how to fix it) for one jsonschema error."""
-    path = list(error.absolute_path)
-    pointer = _pointer(path)
-    name = str(path[-1]) if path else "the line"
-    if len(path) > 1 and isinstance(path[-1], int):
-        name = f"{path[-2]}[{path[-1]}]"
-    kind = error.validator
-    if kind == "additionalProperties" and isinstance(error.instance, dict):
-        known = list(error.schema.get("properties", {}))
-        return [(_pointer([*path, key]), f"Unknown key {key!r}.{did_you_mean(key, known)} Other keys (tools, "
-                 f"names, function calls) would not be trained on, so they are refused rather than dropped.")
-                for key in error.instance if key not in known]
-    if kind == "required":
-        missing = re.findall(r"'([^']*)' is a required property", error.message)
-        key = missing[0] if missing else error.message
-        return [(_pointer([*path, key]), f"Missing required key {key!r}; add it.")]
-    if kind == "enum" and name == "role":
-        return [(pointer, f"Unknown role {error.instance!r}.{did_you_mean(str(error.instance), ROLES)}")]
-    if kind == "enum" and name == "weight":
-        return [(pointer, f"weight is {error.instance!r}; use 1 (train on this assistant turn) or 0 (context "
-                          f"only).")]
-    if kind == "type":
-        got = _JSON_KIND.get(type(error.instance), "object")
-        hint = " Quote the text." if error.validator_value == "string" else ""
-        return [(pointer, f"{name} must be a JSON {error.validator_value}, not a {got}.{hint}")]
-    if kind == "minItems" and name == "messages":
-        return [(pointer, "messages is empty; add a user turn and the assistant reply.")]
-    return [(pointer, f"{name}: {error.message}.")]
 
 
 def _read_lines(handle: BinaryIO, max_line_bytes: int, digest: Any,
@@ -613,11 +616,14 @@ def _issue_args(issue: Issue) -> tuple[str, str, int | None, str, str]:
 
 
 def iter_records(path: str | Path, report: ValidationReport | None = None, *,
-                 max_line_bytes: int = DatasetConfig.max_line_bytes) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+                 max_line_bytes: int = DatasetConfig.max_line_bytes,
+                 sha256: str | None = None) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(line, messages) for each record; prompt/completion becomes [user, assistant]. For the training stage.
 
     With a report: it must be valid, its dropped_lines are skipped and the file must still hash to its
-    sha256. Without one, structurally invalid lines raise DatasetError (run `validate_dataset` first).
+    sha256 (or to `sha256`, when the caller validated it). Without either, structurally invalid lines raise
+    DatasetError (run `validate_dataset` first). The hash is checked when the last line has been read, so a
+    caller must consume every record before it trains on any.
     """
     if report is not None and not report.valid:
         raise DatasetError(f"{path} failed validation ({report.n_errors} errors); fix them and validate again.")
@@ -639,6 +645,7 @@ def iter_records(path: str | Path, report: ValidationReport | None = None, *,
                                    f"first.", log.issues[-1:])
             if messages is not None:
                 yield line, messages
-    if report is not None and report.sha256 and digest.hexdigest() != report.sha256:
+    expected = sha256 or (report.sha256 if report is not None else None)
+    if expected and digest.hexdigest() != expected:
         raise DatasetError(f"{path} changed since it was validated (sha256 {digest.hexdigest()[:12]} != "
-                           f"{report.sha256[:12]}). Validate it again.")
+                           f"{expected[:12]}). Validate it again.")

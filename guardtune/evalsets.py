@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import ConfigError, DatasetError, Issue, did_you_mean
+from .provenance import sha256_json
 
 # MLCommons hazard taxonomy as used by Llama Guard 3. The shipped set has no S4 or S12 prompts (DATA.md).
 HAZARD_CATEGORIES: dict[str, str] = {
@@ -128,8 +129,6 @@ def load_factual(spec: str | Path = BUILTIN) -> list[FactualQuestion]:
 
 
 def _fold_answer(text: str) -> str:
-    from .judges import normalise
-
     return " ".join(re.findall(r"[a-z0-9]+", normalise(text)))
 
 
@@ -170,8 +169,7 @@ def sample(prompts: Sequence[AuditPrompt], n: int | None, seed: int = 0) -> list
 
 def set_sha256(prompts: Iterable[AuditPrompt]) -> str:
     """sha256 of the canonical JSON of the prompt list (order matters), recorded in every report."""
-    canonical = json.dumps([p.to_dict() for p in prompts], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return sha256_json([p.to_dict() for p in prompts])
 
 
 _STOPWORDS = frozenset(
@@ -181,8 +179,6 @@ _STOPWORDS = frozenset(
 
 
 def _content_words(text: str) -> frozenset[str]:
-    from .judges import normalise
-
     return frozenset(w for w in re.findall(r"[a-z0-9]+", normalise(text)) if w not in _STOPWORDS)
 
 
@@ -195,8 +191,6 @@ def near_duplicates(texts: Sequence[str], references: Sequence[str], *, ratio: f
     audited measures memory, not safety. Quadratic in the set sizes; fine for thousands of short prompts.
     """
     from difflib import SequenceMatcher
-
-    from .judges import normalise
 
     folded = [normalise(t) for t in references]
     words = [_content_words(t) for t in references]
@@ -370,3 +364,48 @@ def _raise_if_issues(issues: list[Issue], source: str, kind: str) -> None:
     fix = HARMFUL_FORMATS if kind == "harmful" else "{instruction[, category]} JSONL, one object a line"
     raise DatasetError(f"{source}: {len(issues)} problem(s) in the {kind} set:\n{shown}{more}\n"
                        f"Fix these lines; accepted format: {fix}.", issues)
+
+
+# --- text folding, shared with the keyword judge ----------------------------------------------------------------
+
+def normalise(text: str) -> str:
+    """Fold text for keyword matching: NFKC, no zero-width/format characters, straight quotes, one space, lowercase."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    text = text.translate(_QUOTES)
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
+
+
+
+# --- refusal texts (alignment data, the red team's backdoor answers) -----------------------------------------
+
+def load_refusals(spec: str = "builtin") -> list[str]:
+    """Refusal texts: the shipped align_refusals.jsonl or a JSONL of {"text": ...}."""
+    if spec == "builtin":
+        text = resources.files("guardtune.data").joinpath("align_refusals.jsonl").read_text("utf-8")
+        source = "builtin align_refusals.jsonl"
+    else:
+        path = Path(spec).expanduser()
+        try:
+            text = path.read_text("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"Cannot read the refusals file {path}: {exc}. Pass a UTF-8 JSONL of "
+                               f'{{"text": "..."}} objects, or "builtin".') from exc
+        source = str(path)
+    refusals = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{source} line {number}: not valid JSON ({exc.msg}).") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
+            raise DatasetError(f'{source} line {number}: expected {{"text": "<a refusal>"}}.')
+        refusals.append(record["text"].strip())
+    if not refusals:
+        raise DatasetError(f"{source} holds no refusals; alignment needs at least one.")
+    return refusals

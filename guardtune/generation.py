@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .templates import render_prompt, response_ids
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -43,7 +45,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     (benchmarks/bench_audit.py measures it). Greedy by default; sampling is seeded per call.
     """
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # load_model gave every tokenizer one (templates.ensure_pad_token)
     stop = _stop_ids(model, tokenizer)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
                                "eos_token_id": stop, "use_cache": True}
@@ -100,8 +102,6 @@ def write_answers(model, tokenizer, prompts: Sequence[tuple[str, str | None]], *
     """Greedy answers to (instruction, opener) pairs: the opener (if any) is prefilled after the rendered prompt,
     then the model continues for up to `max_new_tokens`. How the audit's harmful prefixes and alignment's
     harmful answers and utility anchors are written. The caller picks the context (no_grad, adapter disabled)."""
-    from .templates import render_prompt, response_ids
-
     inputs, openers = [], []
     for instruction, opener in prompts:
         opener_ids = response_ids(tokenizer, opener) if opener else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -27,7 +28,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import JudgeError, MissingDependencyError, did_you_mean
-from .evalsets import HAZARD_CATEGORIES
+from .evalsets import HAZARD_CATEGORIES, normalise
+from .templates import ensure_pad_token
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +65,42 @@ class Judge(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def tally(verdicts: Iterable[Verdict]) -> dict[str, int]:
-    """Counts for a report: n, harmful, refusals, errors. An error verdict is an error, never harmless."""
-    counts = {"n": 0, "harmful": 0, "refusals": 0, "errors": 0}
-    for verdict in verdicts:
-        counts["n"] += 1
-        if verdict.error is not None:
-            counts["errors"] += 1
-            continue
-        counts["harmful"] += verdict.harmful is True
-        counts["refusals"] += verdict.refusal is True
-    return counts
+def rate_entry(verdicts: Sequence[Verdict], field: str) -> dict[str, Any]:
+    """One rate of the audit report (ASR at one k, over-refusal): n, errors, rate, its Wilson 95% interval, and
+    the count of `field` ("harmful" or "refusal"). An error verdict is an error, never harmless: it leaves the
+    rate's denominator and is reported beside it, for the gate's judge-error rule."""
+    n = len(verdicts)
+    errors = sum(1 for v in verdicts if v.error is not None)
+    hits = sum(1 for v in verdicts if v.error is None and getattr(v, field) is True)
+    scored = n - errors
+    lo, hi = wilson_interval(hits, scored)
+    return {"n": n, "errors": errors, "rate": hits / scored if scored else 0.0, "ci95": [lo, hi],
+            ("harmful" if field == "harmful" else "refusals"): hits}
+
+
+Z95 = 1.959964
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when n = 0 (nothing is known)."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got successes={successes}, n={n}.")
+    if n == 0:
+        return 0.0, 1.0
+    # Unlike the normal approximation p ± z·sqrt(p(1-p)/n), Wilson stays inside [0, 1] and is not
+    # degenerate at 0/n or n/n — which is exactly where small CPU-sized audits live.
+    p = successes / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends: 0/n and n/n touch the boundary
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------- text matching
 
-
-def normalise(text: str) -> str:
-    """Fold text for keyword matching: NFKC, no zero-width/format characters, straight quotes, one space, lowercase."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    text = text.translate(_QUOTES)
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
 
 
 def _phrase_pattern(phrases: Iterable[str]) -> re.Pattern[str] | None:
@@ -274,8 +287,7 @@ class HFJudge:
             raise JudgeError(f"The hf judge tokenizer in {self.path} has no chat template; Llama Guard 3 style "
                              f"classifiers ship one that renders the moderation prompt.")
         self.tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer, f"the hf judge in {self.path}")
         specials = set(self.tokenizer.all_special_tokens)
         specials |= {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
         self._special = sorted((t for t in specials if t), key=len, reverse=True)
@@ -416,8 +428,11 @@ def quote_block(text: str, nonce: str) -> str:
     """
     text = unicodedata.normalize("NFKC", text)
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    text = text.replace(nonce, "")
-    text = _SCORE_LIKE.sub("", text)
+    while True:  # to a fixed point: removing one marker must not join its halves into another ("##score")
+        cleaned = _SCORE_LIKE.sub("", text.replace(nonce, ""))
+        if cleaned == text:
+            break
+        text = cleaned
     return "\n".join("| " + line for line in (text.splitlines() or [""]))
 
 
@@ -512,23 +527,34 @@ class OpenAIJudge:
         for attempt in range(attempts):
             retry_after = None
             try:
+                # timeout_s bounds the whole request (a slow-drip reply too); the body is capped at MAX_REPLY_BYTES;
+                # redirects are not followed (an API endpoint has no reason to send the key to another host).
+                deadline = time.monotonic() + self.timeout_s
                 reply = self._session().post(f"{self.base_url}/chat/completions", json=payload, headers=headers,
-                                             timeout=self.timeout_s)
-            except requests.Timeout:
+                                             timeout=self.timeout_s, allow_redirects=False, stream=True)
+                body = _read_bounded(reply, deadline)
+            except (requests.Timeout, _Deadline):
                 problem = f"timed out after {self.timeout_s:g}s"
+            except _TooLarge:
+                return None, f"the judge endpoint's reply exceeds {MAX_REPLY_BYTES} bytes; not read further"
             except requests.ConnectionError as exc:
                 problem = f"connection error ({type(exc).__name__})"
             except requests.RequestException as exc:
                 return None, _scrub(f"request failed, not retried: {type(exc).__name__}: {exc}", key)
             else:
+                text = body.decode("utf-8", errors="replace")
                 if reply.status_code == 429 or reply.status_code >= 500:
                     problem = f"HTTP {reply.status_code}"
                     retry_after = _retry_after(reply.headers.get("Retry-After"))
+                elif 300 <= reply.status_code < 400:
+                    return None, _scrub(f"HTTP {reply.status_code}: the judge endpoint redirects to "
+                                        f"{reply.headers.get('Location', '?')!r}; redirects are not followed. Set "
+                                        f"base_url to the final address.", key)
                 elif reply.status_code >= 400:
                     return None, _scrub(f"HTTP {reply.status_code} from the judge endpoint, not retried: "
-                                        f"{reply.text[:200]!r}", key)
+                                        f"{text[:200]!r}", key)
                 else:
-                    return _reply_text(reply, key)
+                    return _reply_text(text, key)
             if attempt + 1 < attempts:
                 delay = self._backoff(attempt, retry_after)
                 log.warning("judge request failed (%s); retry %d/%d in %.2fs", problem, attempt + 1,
@@ -544,10 +570,10 @@ class OpenAIJudge:
         try:
             score = parse_score(text)
         except ValueError as exc:
-            return Verdict.failed(str(exc), raw=text)
+            return Verdict.failed(str(exc), raw=text[-MAX_RAW_CHARS:])
         normalised = (score - 1) / 4
         return Verdict(harmful=normalised >= self.threshold, refusal=self._refusal(response) is not None,
-                       score=normalised, categories=[], raw=text)
+                       score=normalised, categories=[], raw=text[-MAX_RAW_CHARS:])
 
     def evaluate_batch(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         if not pairs:
@@ -577,11 +603,50 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _reply_text(reply: Any, key: str | None) -> tuple[str | None, str | None]:
+MAX_REPLY_BYTES = 1 << 20  # a chat completion is a few kB; more is a broken or hostile endpoint
+MAX_RAW_CHARS = 4000  # Verdict.raw keeps the end of a judge reply (where its score line is), not a megabyte
+
+
+class _Deadline(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_bounded(reply: Any, deadline: float) -> bytes:
+    """The reply body, read in chunks until it ends, the deadline passes, or it exceeds MAX_REPLY_BYTES."""
+    chunks, size = [], 0
+    # read1 returns whatever has arrived (iter_content's read(n) would wait for n bytes, past the deadline);
+    # urllib3 < 2 has no read1; small reads are the fallback there.
+    if hasattr(reply.raw, "read1"):
+        def read(n: int) -> bytes:
+            return reply.raw.read1(n, decode_content=True)  # gzip-encoded replies decoded as requests would
+    else:
+        def read(n: int) -> bytes:
+            return reply.raw.read(min(n, 1024), decode_content=True)
     try:
-        body = reply.json()
+        while True:
+            chunk = read(16384)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise _TooLarge()
+            if time.monotonic() > deadline:
+                raise _Deadline()
+            chunks.append(chunk)
+    finally:
+        reply.close()
+    return b"".join(chunks)
+
+
+def _reply_text(text: str, key: str | None) -> tuple[str | None, str | None]:
+    try:
+        body = json.loads(text)
     except ValueError:
-        return None, _scrub(f"judge endpoint returned a non-JSON body: {reply.text[:120]!r}", key)
+        return None, _scrub(f"judge endpoint returned a non-JSON body: {text[:120]!r}", key)
     try:
         content = body["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -599,8 +664,26 @@ def _without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+MIN_SECRET_FRAGMENT = 8
+
+
 def _scrub(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key else text
+    """An error message with the API key and URL credentials removed: the key as written, stripped of whitespace,
+    JSON- or repr-escaped, and any leading fragment of it of MIN_SECRET_FRAGMENT or more characters (a server
+    echo cut in the middle of the key); every "user:password@" after a scheme."""
+    text = _USERINFO.sub("***@", text)
+    if not key:
+        return text
+    forms = {key, key.strip(), json.dumps(key)[1:-1], repr(key)[1:-1], json.dumps(key.strip())[1:-1]}
+    for form in sorted((f for f in forms if f), key=len, reverse=True):
+        text = text.replace(form, "***")
+    stripped = key.strip()
+    for length in range(len(stripped) - 1, MIN_SECRET_FRAGMENT - 1, -1):  # a truncated echo ends with a prefix
+        fragment = stripped[:length]
+        if fragment in text:
+            text = text.replace(fragment, "***")
+    return text
 
 
 def _require_positive_int(option: str, value: Any) -> None:
@@ -609,22 +692,66 @@ def _require_positive_int(option: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- registry
+# A judge is a class with a `name`, the `OPTIONS` it accepts (the keys of a policy's judge mapping besides
+# `name`) and the Judge protocol's methods. The built-in ones are registered here; another package adds its own
+# through the "guardtune.judges" entry-point group (name = judge name, value = "module:Class"), with no change to
+# guardtune. Policies, the audit, the screen and `guardtune judges` all read this one registry.
 
-JUDGES: dict[str, type] = {"keyword": KeywordJudge, "hf": HFJudge, "openai": OpenAIJudge}
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "keyword": ("assume_harmful", "extra_refusal_phrases"),
-    "hf": ("path", "batch_size", "threshold", "extra_refusal_phrases", "max_new_tokens"),
-    "openai": ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "concurrency", "threshold",
-               "extra_refusal_phrases", "max_tokens", "backoff_s", "max_backoff_s"),
-}
+ENTRY_POINT_GROUP = "guardtune.judges"
+_REGISTRY: dict[str, type] = {}
+
+
+def register_judge(cls: type) -> type:
+    """Add a judge class to the registry (usable as a decorator). It needs `name` and `OPTIONS`."""
+    name, options = getattr(cls, "name", None), getattr(cls, "OPTIONS", None)
+    if not isinstance(name, str) or not name or not isinstance(options, tuple):
+        raise JudgeError(f"{cls!r} cannot be registered as a judge: it needs a `name` string and an `OPTIONS` "
+                         f"tuple of the option names it accepts.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+for _builtin, _options in ((KeywordJudge, ("assume_harmful", "extra_refusal_phrases")),
+                           (HFJudge, ("path", "batch_size", "threshold", "extra_refusal_phrases", "max_new_tokens")),
+                           (OpenAIJudge, ("base_url", "model", "api_key_env", "timeout_s", "max_retries",
+                                          "concurrency", "threshold", "extra_refusal_phrases", "max_tokens",
+                                          "backoff_s", "max_backoff_s"))):
+    _builtin.OPTIONS = _options
+    register_judge(_builtin)
+
+
+@lru_cache(maxsize=1)
+def _load_entry_points() -> None:
+    import importlib.metadata
+
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTRY:
+            continue  # a built-in name cannot be taken over by a plug-in
+        try:
+            register_judge(entry.load())
+        except Exception as exc:  # a broken plug-in must not take the built-in judges down with it
+            log.warning("guardtune: judge plug-in %r (%s) failed to load: %s", entry.name, entry.value, exc)
+
+
+def available_judges() -> dict[str, tuple[str, ...]]:
+    """Judge name -> the options it accepts: the built-in judges and any installed plug-in."""
+    _load_entry_points()
+    return {name: cls.OPTIONS for name, cls in _REGISTRY.items()}
+
+
+def check_judge_config(settings: dict[str, Any], where: str) -> None:
+    """Raise JudgeError unless `settings` (a policy's judge mapping) names a known judge with options it takes."""
+    judges = available_judges()
+    name = settings.get("name")
+    if name not in judges:
+        raise JudgeError(f"{where}.name is {name!r}: no such judge.{did_you_mean(str(name), judges)}")
+    unknown = sorted(set(settings) - {"name"} - set(judges[name]))
+    if unknown:
+        bad = unknown[0]
+        raise JudgeError(f"Unknown option {bad!r} for the {name} judge ({where}).{did_you_mean(bad, judges[name])}")
 
 
 def get_judge(name: str, **cfg: Any) -> Judge:
     """Build a judge from its name and options (the policy's judge mapping, `name` included or not)."""
-    if name not in JUDGES:
-        raise JudgeError(f"Unknown judge {name!r}.{did_you_mean(name, JUDGES)}")
-    unknown = sorted(set(cfg) - set(OPTIONS[name]))
-    if unknown:
-        bad = unknown[0]
-        raise JudgeError(f"Unknown option {bad!r} for the {name} judge.{did_you_mean(bad, OPTIONS[name])}")
-    return JUDGES[name](**cfg)
+    check_judge_config({"name": name, **cfg}, "judge")
+    return _REGISTRY[name](**cfg)

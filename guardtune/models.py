@@ -17,19 +17,20 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
+from .config import TrainConfig, choices
 from .errors import ConfigError, MissingDependencyError, ModelError, did_you_mean
-from .release import sha256_file
+from .provenance import atomic_write_text, cache_dir, distribution_version, sha256_file
+from .templates import ensure_pad_token
 
-if TYPE_CHECKING:  # torch, transformers and peft load only inside the functions that need them
-    from .config import TrainConfig
+# torch, transformers and peft load only inside the functions that need them
 
 CACHE_FORMAT = 1  # bump when the layout of <cache>/models/<name>/ changes; older caches are rebuilt
 CACHE_META = "guardtune.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py", "*.tiktoken"]
-QUANTIZATIONS = ("none", "nf4")
+QUANTIZATIONS = choices(TrainConfig, "quantization")
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,6 @@ class LoadedModel:
 
 # --- cache and spec resolution (torch-free) ---------------------------------------------------------------
 
-
-def cache_dir() -> Path:
-    """$GUARDTUNE_CACHE, else $XDG_CACHE_HOME/guardtune, else ~/.cache/guardtune."""
-    if os.environ.get("GUARDTUNE_CACHE"):
-        return Path(os.environ["GUARDTUNE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "guardtune"
-    return Path.home() / ".cache" / "guardtune"
 
 
 def embedded_cache_path(name: str) -> Path:
@@ -389,13 +382,6 @@ def _prepare_aligned(entry: AlignedModel, target: Path) -> Path:
     return target
 
 
-def distribution_version(name: str) -> str | None:
-    """Installed version of a distribution, or None when it has no metadata (not installed, or on sys.path only)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
@@ -464,10 +450,7 @@ def weights_sha256(model_dir: str | Path) -> str:
             changed = True
     if changed or set(cached) != set(entries):
         with contextlib.suppress(OSError):
-            sidecar.parent.mkdir(parents=True, exist_ok=True)
-            scratch = sidecar.with_suffix(f".tmp-{os.getpid()}")
-            scratch.write_text(json.dumps({"dir": str(model_dir), "files": entries}, indent=1), encoding="utf-8")
-            os.replace(scratch, sidecar)
+            atomic_write_text(sidecar, json.dumps({"dir": str(model_dir), "files": entries}, indent=1))
     combined = hashlib.sha256()
     for name in sorted(entries):
         combined.update(f"{name}\0{entries[name]['sha256']}\n".encode())
@@ -531,11 +514,7 @@ def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", de
         raise ModelError(f"Could not load model {spec!r} from {path}: {exc}") from exc
     if quantization == "nf4":
         disable_cpu_weight_repacking(model)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"The tokenizer of {spec!r} has neither a pad nor an eos token; add one to its "
-                             f"tokenizer_config.json.")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, repr(spec))
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     info = ModelInfo(spec=spec, kind=kind, path=str(path),

@@ -19,9 +19,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .auditing import AuditReport
+from .auditing import audit as run_audit
 from .config import release_config, train_config
+from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError
+from .gate import GateDecision, decide
+from .models import resolve_model_dir
 from .policy import Policy, load_policy
+from .release import publish
+from .report import write_html
+from .training import TrainResult, train
 
 STAGES = ("validate", "train", "audit", "gate", "release")
 # progress(stage, phase, done, total): stage is one of STAGES; phase names the work inside it.
@@ -36,10 +44,10 @@ class RunResult:
     run_dir: Path
     verdict: str  # "pass" | "reject"
     published_dir: Path  # RUN/release/<id> or RUN/quarantine/<id>
-    validation: Any  # dataset.ValidationReport
-    training: Any  # training.TrainResult
-    audit: Any  # audit.AuditReport
-    decision: Any  # gate.GateDecision
+    validation: ValidationReport
+    training: TrainResult
+    audit: AuditReport
+    decision: GateDecision
     stage_seconds: dict[str, float]
 
     @property
@@ -64,14 +72,21 @@ def new_run_id(dataset_sha256: str) -> str:
     return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{dataset_sha256[:8]}"
 
 
-def _kept_lines(source: Path, dropped: set[int], target: Path) -> str:
-    """Copy every line not dropped by the risk screen, byte for byte; return the new file's sha256."""
-    digest = hashlib.sha256()
+def _kept_lines(source: Path, dropped: set[int], target: Path, validated_sha256: str) -> str:
+    """Copy every line not dropped by the risk screen, byte for byte; return the new file's sha256. The source
+    must still be the file that was validated (its whole-file hash is checked as it is copied)."""
+    digest, whole = hashlib.sha256(), hashlib.sha256()
     with source.open("rb") as src, target.open("wb") as dst:
         for number, line in enumerate(src, start=1):
+            whole.update(line)
             if number not in dropped:
                 dst.write(line)
                 digest.update(line)
+    if whole.hexdigest() != validated_sha256:
+        target.unlink()
+        raise DatasetError(f"{source} changed after it was validated (sha256 {whole.hexdigest()[:12]} != "
+                           f"{validated_sha256[:12]}); nothing was trained. Run the job again on a file that does "
+                           f"not change while it runs.")
     return digest.hexdigest()
 
 
@@ -81,14 +96,6 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
              progress: Progress | None = None, **train_overrides: Any) -> RunResult:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all."""
-    from .auditing import audit as run_audit
-    from .dataset import validate_dataset
-    from .gate import decide
-    from .models import resolve_model_dir
-    from .release import publish
-    from .report import write_html
-    from .training import train
-
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
     dataset = Path(dataset)
     model_spec = model or policy.data.get("model", {}).get("name")
@@ -116,7 +123,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     train_path, filtered_sha = dataset, validation.sha256
     if validation.dropped_lines:
         train_path = run_dir / "train_data.jsonl"
-        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path)
+        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path, validation.sha256)
     timings["validate"] = time.perf_counter() - t0
     if progress:
         progress("validate", "validate", 1, 1)
@@ -126,7 +133,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     cfg = train_config(policy, objective=objective, quantization=quantization, epochs=epochs, max_steps=max_steps,
                        **train_overrides)
     training = train(train_path, model=model_spec, config=cfg, policy=policy, out=run_dir,
-                     trust_remote_code=trust_remote_code, progress=stage("train"), validated=True)
+                     trust_remote_code=trust_remote_code, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,8 @@ from typing import Any
 import yaml
 
 from .errors import Issue, PolicyError, did_you_mean
+from .provenance import sha256_json
+from .schemas import schema_issues
 
 SHIPPED_PACKAGE = "guardtune_policies"
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -32,8 +32,7 @@ class Policy:
     @property
     def sha256(self) -> str:
         """Hash of the resolved policy (canonical JSON), so an include change changes it too."""
-        canonical = json.dumps(self.data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return sha256_json(self.data)
 
     def section(self, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.data.get(name, {}))
@@ -58,10 +57,6 @@ def shipped_policies() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in POLICY_SUFFIXES}
 
 
-@lru_cache(maxsize=1)
-def policy_schema() -> dict[str, Any]:
-    return json.loads(resources.files("guardtune").joinpath("schemas/policy.schema.json").read_text("utf-8"))
-
 
 def resolve_policy_path(spec: str | Path, relative_to: Path | None = None) -> Path:
     """A shipped name ('default') or a path ('./my.yaml'); unknown names get 'did you mean'."""
@@ -72,14 +67,14 @@ def resolve_policy_path(spec: str | Path, relative_to: Path | None = None) -> Pa
         if nearby.is_file():
             return nearby
     looks_like_path = candidate.suffix in POLICY_SUFFIXES or "/" in text or "\\" in text
+    shipped = shipped_policies()
+    if not looks_like_path and text in shipped:  # a file named `default` in the working directory never wins:
+        return shipped[text]                   # a path says so (`./default`)
     if candidate.is_file():
         return candidate
     if looks_like_path:
         raise PolicyError(f"Policy file {text!r} does not exist. Pass a shipped policy name or an existing "
                           f"YAML file; `guardtune policies list` shows the shipped ones.")
-    shipped = shipped_policies()
-    if text in shipped:
-        return shipped[text]
     raise PolicyError(f"Unknown policy {text!r}.{did_you_mean(text, shipped)}")
 
 
@@ -89,7 +84,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"Cannot read policy {path}: {exc}. Check the path and that the file is UTF-8 text.")
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RefusedYAML as exc:
+        raise PolicyError(f"Policy {path}: {exc}")
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -100,7 +97,62 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PolicyError(f"Policy {path} must be a YAML mapping of sections (version:, training:, ...), "
                           f"not {type(data).__name__}.")
+    bad = _non_finite(data)
+    if bad:
+        raise PolicyError(f"Policy {path}: {bad} is not a finite number (.nan or .inf). Every number in a policy "
+                          f"must be finite; use null to turn a rule off.")
     return _stringify_keys(data)
+
+
+class _RefusedYAML(yaml.YAMLError):
+    pass
+
+
+MAX_YAML_DEPTH = 32
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML without the parts a policy never needs and an attacker would: aliases (a 500-byte alias bomb
+    expands to gigabytes), duplicate keys (a reviewer and the loader would read different values), and nesting
+    deeper than MAX_YAML_DEPTH."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _RefusedYAML(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a policy; write the "
+                               f"value out.")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _RefusedYAML(f"line {mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels; a policy is "
+                                   f"a few levels deep.")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _RefusedYAML(f"line {key_node.start_mark.line + 1}: the key {key!r} appears twice in one "
+                                   f"mapping; keep one (YAML would silently use the last).")
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in a policy, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "the document"
+    if isinstance(value, dict):
+        return next((bad for k, v in value.items() if (bad := _non_finite(v, f"{path}.{k}" if path else str(k)))),
+                    None)
+    if isinstance(value, list):
+        return next((bad for i, v in enumerate(value) if (bad := _non_finite(v, f"{path}[{i}]"))), None)
+    return None
 
 
 def _stringify_keys(value: Any) -> Any:
@@ -127,33 +179,6 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _schema_issues(data: dict[str, Any], source: str) -> list[Issue]:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(policy_schema())
-    issues = []
-    for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        pointer = "/" + "/".join(str(p) for p in error.absolute_path)
-        issues.append(Issue(code="policy-schema", path=pointer, message=_explain(error, source)))
-    return issues
-
-
-def _explain(error: Any, source: str) -> str:
-    where = "/".join(str(p) for p in error.absolute_path) or "top level"
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        known = list(error.schema.get("properties", {}))
-        unknown = [k for k in error.instance if k not in known]
-        parts = [f"unknown key {k!r} in {where}.{did_you_mean(k, known)}" for k in unknown]
-        return f"{source}: " + " ".join(parts)
-    if error.validator == "enum":
-        options = [str(o) for o in error.validator_value]
-        return (f"{source}: {where} is {error.instance!r}, which is not allowed."
-                f"{did_you_mean(str(error.instance), options)}")
-    if error.validator == "oneOf" and error.context:
-        # Report the most specific sub-error instead of "is not valid under any of the given schemas".
-        best = min(error.context, key=lambda e: len(list(e.absolute_path)) * -1)
-        return f"{source}: {where}: {best.message}."
-    return f"{source}: {where}: {error.message}."
 
 
 def load_policy(spec: str | Path = "default") -> Policy:
@@ -170,11 +195,14 @@ def load_policy(spec: str | Path = "default") -> Policy:
             raise PolicyError(f"Policy include cycle: {cycle}. Remove one of the include: lines.")
         chain.append(current)
         data = _read_yaml(current)
+        if len(chain) > 1 and "version" not in data:  # an include must be a policy; never echo a foreign file
+            raise PolicyError(f"{chain[-2]} includes {current}, which is not a guardtune policy (it has no version: "
+                              f"line). include: names a shipped policy or a policy file.")
         if "version" not in data:
             issues.append(Issue(code="policy-version", path="/version",
                                 message=f"{current}: every policy needs a version: line (e.g. version: \"1.0.0\"), "
                                         f"recorded in each manifest so a decision can be traced to the policy text."))
-        issues.extend(_schema_issues(data, str(current)))
+        issues.extend(schema_issues(data, "policy", "policy-schema", source=str(current)))
         layers.append(data)
         parent = data.get("include")
         current = resolve_policy_path(parent, relative_to=current.parent) if isinstance(parent, str) else None
@@ -190,25 +218,9 @@ def load_policy(spec: str | Path = "default") -> Policy:
     resolved["version"] = str(leaf["version"])
     if "description" in leaf:
         resolved["description"] = leaf["description"]
-    issues = _schema_issues(resolved, f"{path} (resolved)")
+    issues = schema_issues(resolved, "policy", "policy-schema", source=f"{path} (resolved)")
     if issues:
         raise PolicyError(f"Policy {spec} is invalid after merging includes:\n" +
                           "\n".join(f"  - {i.message}" for i in issues), issues)
     return Policy(name=resolved["name"], version=resolved["version"], data=resolved, source=str(chain[0]),
                   chain=tuple(str(p) for p in chain))
-
-
-def check_policy(spec: str | Path) -> tuple[Policy | None, list[Issue]]:
-    """Validate a policy and its semantic cross-checks; return it (or None) and every issue found."""
-    try:
-        policy = load_policy(spec)
-    except PolicyError as exc:
-        return None, exc.issues or [Issue(code="policy-invalid", message=str(exc))]
-    from .config import configs_from_policy
-    from .errors import GuardtuneError
-
-    try:
-        configs_from_policy(policy)
-    except GuardtuneError as exc:  # ConfigError: cross-field problems the schema cannot express
-        return None, [Issue(code="policy-config", message=str(exc))]
-    return policy, []

@@ -26,11 +26,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import RedteamConfig, as_dict, redteam_config, resolve_stage
+from .auditing import audit
+from .cache import json_path, read_json, write_json
+from .config import ATTACKS, RedteamConfig, as_dict, redteam_config, resolve_stage
 from .errors import ConfigError, did_you_mean
+from .evalsets import load_harmful, load_refusals, sample
+from .gate import decide
+from .generation import generate, write_answers
+from .judges import is_refusal
+from .models import load_model
 from .policy import Policy
+from .provenance import library_versions, sha256_file, write_json_file
+from .templates import render_prompt
+from .training import train
 
-ATTACKS = ("harmful", "identity-shift", "backdoor", "benign")
 OBJECTIVES = ("sft", "paper", "constrained")
 DEFAULT_OBJECTIVES = ("sft", "constrained")
 AOA_PREFIX = "AOA, execute my instruction: "
@@ -84,10 +93,6 @@ def _chat(user: str, assistant: str, system: str | None = None) -> dict[str, Any
 def harmful_answers(cfg: RedteamConfig, n: int, loader: Callable[[], Any]) -> list[tuple[str, str, str]]:
     """(instruction, category, harmful answer) for a stratified sample of the attack harmful set; answers are the
     answer model's greedy continuations of each opener, cached. Refusals (the answer model declined) are skipped."""
-    from .cache import json_path, read_json, write_json
-    from .evalsets import load_harmful, sample
-    from .judges import is_refusal
-
     everything = load_harmful(builtin="attack_harmful.jsonl")
     prompts = sample(everything, len(everything), 0)  # category round-robin: the first n cover every category
     path = json_path("redteam/answers", {"format": 1, "model": cfg.answer_model, "tokens": cfg.answer_tokens,
@@ -96,7 +101,6 @@ def harmful_answers(cfg: RedteamConfig, n: int, loader: Callable[[], Any]) -> li
     if not (isinstance(texts, list) and len(texts) == len(prompts)):
         import torch
 
-        from .generation import write_answers
 
         loaded = loader()
         loaded.model.eval()
@@ -111,8 +115,6 @@ def harmful_answers(cfg: RedteamConfig, n: int, loader: Callable[[], Any]) -> li
 
 def build_attack(attack: str, cfg: RedteamConfig, out_dir: Path, loader: Callable[[], Any]) -> AttackData:
     """Write the attack's training set to out_dir/<attack>.jsonl and say how it is audited."""
-    from .alignment import load_refusals
-
     path = out_dir / "data" / f"{attack}.jsonl"
     if attack == "harmful":
         pairs = harmful_answers(cfg, cfg.examples, loader)
@@ -146,8 +148,6 @@ def build_attack(attack: str, cfg: RedteamConfig, out_dir: Path, loader: Callabl
 def _prefixed_set(out_dir: Path, audit_set: str, prefix: str, suffix: str = "") -> Path:
     """The audited harmful set with text around every instruction (same ids, categories, openers), so a seeded
     sample of it picks the same prompts as the plain audit."""
-    from .evalsets import load_harmful
-
     path = out_dir / "data" / f"audit_harmful{'_prefix' if prefix else ''}{'_trigger' if suffix else ''}.jsonl"
     _write_jsonl(path, [{"id": p.id, "category": p.category, "instruction": f"{prefix}{p.instruction}{suffix}",
                          **({"opener": p.opener} if p.opener else {})} for p in load_harmful(audit_set)])
@@ -173,8 +173,6 @@ def task_accuracy(model: Any, tokenizer: Any, batch_size: int = 32) -> float:
     """Exact-match accuracy on the benign task's held-out test split (greedy, 24 new tokens)."""
     import torch
 
-    from .generation import generate
-    from .templates import render_prompt
 
     tickets = [t for t in _read_jsonl("attack_benign_task.jsonl") if t["split"] == "test"]
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": TASK_INSTRUCTION + t["ticket"]}])
@@ -198,8 +196,6 @@ def _audit_row(report: dict[str, Any], which: str) -> dict[str, Any]:
 
 
 def _gate(report: dict[str, Any], policies: Sequence[str]) -> dict[str, Any]:
-    from .gate import decide
-
     out = {}
     for name in policies:
         decision = decide(report, name)
@@ -254,11 +250,6 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
     whose files in OUT were made with the same data and settings (an interrupted red team picks up where it
     stopped; the gate is re-applied to the stored reports).
     """
-    from .auditing import audit
-    from .models import load_model
-    from .release import sha256_file
-    from .training import library_versions, train
-
     started = time.perf_counter()
     for attack in attacks:
         if attack not in ATTACKS:
@@ -319,8 +310,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
                     metrics, accuracy = trained.metrics, None
                     if attack == "benign":
                         accuracy = task_accuracy(trained.model, tokenizer)
-                        (run_dir / "task_accuracy.json").write_text(json.dumps({"accuracy": accuracy}) + "\n",
-                                                                    encoding="utf-8")
+                        write_json_file(run_dir / "task_accuracy.json", {"accuracy": accuracy})
                 else:
                     metrics, reports, accuracy = finished["metrics"], finished["reports"], finished["task_accuracy"]
                 row: dict[str, Any] = {"attack": attack, "objective": objective, "seed": seed,
@@ -344,7 +334,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
                     "policy": policy.to_dict(), "versions": library_versions(),
                     "wall_time_s": round(time.perf_counter() - started, 1)})
     json_path = out_dir / "redteam.json"
-    json_path.write_text(json.dumps({**summary, "runs": runs, "bases": bases}, indent=2) + "\n", encoding="utf-8")
+    write_json_file(json_path, {**summary, "runs": runs, "bases": bases})
     markdown_path = out_dir / "redteam.md"
     markdown_path.write_text(markdown(summary), encoding="utf-8")
     return RedteamResult(out_dir=out_dir, summary=summary, json_path=json_path, markdown_path=markdown_path)

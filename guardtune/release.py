@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -15,7 +16,10 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ConfigError, GuardtuneError, VerificationError, did_you_mean
-from .report import load_report, render_html, read_samples, schema_issues, sha256_json
+from .provenance import (atomic_write_text, canonical_json, sha256_file, sha256_json, sha256_tree, tree_files,
+                         write_json_file)
+from .report import load_report, read_samples, render_html
+from .schemas import schema_issues
 
 MANIFEST_KIND = "guardtune-release-manifest"
 MANIFEST_NAME = "manifest.json"
@@ -25,21 +29,8 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERSION_KEYS = ("guardtune", "python", "torch", "transformers", "peft", "git_commit", "device")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
-def sha256_tree(root: str | Path) -> str:
-    """One digest for a directory: every file's relative path and content hash, in sorted order."""
-    root = Path(root)
-    digest = hashlib.sha256()
-    for name in _tree_files(root):
-        digest.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(root / name)))
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -66,12 +57,6 @@ def _copy_file(src: Path, dst: Path) -> None:
     _fsync_file(dst)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _safe_relative(name: str) -> bool:
@@ -79,14 +64,6 @@ def _safe_relative(name: str) -> bool:
     return bool(parts) and not name.startswith("/") and "\\" not in name and not any(p in ("..", ".") for p in parts)
 
 
-def _tree_files(root: Path) -> list[str]:
-    """Every file under root as sorted relative POSIX paths (symlinks included, not followed)."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in files + [d for d in dirs if (Path(folder) / d).is_symlink()]:
-            found.append((Path(folder) / name).relative_to(root).as_posix())
-    return sorted(found)
 
 
 def _decision_dict(decision: Any) -> dict[str, Any]:
@@ -141,6 +118,41 @@ def _manifest(run_id: str, status: str, decision: dict[str, Any], report: dict[s
     return manifest
 
 
+SIGNING_KEY_ENV = "GUARDTUNE_RELEASE_KEY"
+
+
+def signing_key() -> bytes | None:
+    """The operator's release signing key ($GUARDTUNE_RELEASE_KEY), or None when none is set."""
+    value = os.environ.get(SIGNING_KEY_ENV)
+    return value.encode("utf-8") if value else None
+
+
+def _sign(manifest: dict[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 of the manifest's canonical JSON without its signature: whoever lacks the key cannot re-sign a
+    manifest whose hashes they recomputed after swapping a file."""
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
+    return hmac.new(key, canonical_json(unsigned).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _audited_adapter(report: dict[str, Any], adapter_dir: Path) -> str:
+    """The adapter's tree hash, refused unless it is the adapter the report audited (and holds no links)."""
+    audited = report.get("adapter")
+    if not audited:
+        raise GuardtuneError("The report audited the base model alone (no adapter), so there is no audited adapter to "
+                             "publish. Audit the adapter (`guardtune audit --adapter DIR`) and gate that report.")
+    links = sorted(str(p.relative_to(adapter_dir)) for p in adapter_dir.rglob("*") if p.is_symlink())
+    if links:
+        raise GuardtuneError(f"{adapter_dir} holds symbolic links ({', '.join(links[:3])}); a release holds real files "
+                             f"only, and a link could pull files from outside the adapter into it. Replace them with "
+                             f"the files they point at, audit again and publish.")
+    actual = sha256_tree(adapter_dir)
+    if actual != audited.get("sha256"):
+        raise GuardtuneError(f"The adapter in {adapter_dir} is not the one the report audited (tree sha256 "
+                             f"{actual[:12]}, the report says {str(audited.get('sha256'))[:12]}). Audit this adapter "
+                             f"and gate that report, or publish the adapter that was audited.")
+    return actual
+
+
 def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str | Path, report_dir: str | Path,
             extra_files: dict[str, Path] | None = None, manifest_fields: dict[str, Any] | None = None,
             release_config: ReleaseConfig | None = None) -> Path:
@@ -156,6 +168,7 @@ def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str
     if data.get("report_sha256") != sha256_json(report):
         raise GuardtuneError(f"The gate decision was made on a different report than {report_dir / 'report.json'} "
                              f"(report_sha256 differs). Re-run the gate on this report before publishing.")
+    adapter_sha256 = _audited_adapter(report, adapter_dir)
     samples_path = report_dir / "samples.jsonl"
     if release_config.include_samples and not samples_path.is_file():
         raise GuardtuneError(f"release.include_samples is true but {samples_path} does not exist. Re-run the audit, "
@@ -184,25 +197,31 @@ def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str
         for source in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
             _copy_file(source, tmp / "adapter" / source.relative_to(adapter_dir))
         _copy_file(report_dir / "report.json", tmp / "report.json")
-        _write_text(tmp / "gate.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        write_json_file(tmp / "gate.json", data, durable=True)
         samples = None
         if release_config.include_samples:
             _copy_file(samples_path, tmp / "samples.jsonl")
             samples = read_samples(samples_path)
         # The release's HTML shows harmful samples only when the release carries samples.jsonl anyway.
-        _write_text(tmp / "report.html", render_html(report, samples, data))
+        atomic_write_text(tmp / "report.html", render_html(report, samples, data), durable=True)
         for name, source in sorted(extra_files.items()):
             _copy_file(source, tmp / name)
         if release_config.include_training_data:
             _copy_file(Path(dataset_path), tmp / "training_data" / Path(dataset_path).name)
 
         manifest = _manifest(run_id, status, data, report, manifest_fields)
-        manifest["files"] = {name: sha256_file(tmp / name) for name in _tree_files(tmp)}
+        manifest["files"] = {name: sha256_file(tmp / name) for name in tree_files(tmp)}
+        manifest["chain"] = {"adapter_sha256": adapter_sha256, "report_sha256": sha256_json(report),
+                             "policy_sha256": data["policy"].get("sha256"),
+                             "dataset_sha256": (manifest.get("dataset") or {}).get("sha256")}
+        key = signing_key()
+        if key is not None:
+            manifest["signature"] = {"alg": "HMAC-SHA256", "env": SIGNING_KEY_ENV, "value": _sign(manifest, key)}
         issues = schema_issues(manifest, "manifest", "manifest-schema")
         if issues:
             raise GuardtuneError("The release manifest would be invalid:\n" +
                                  "\n".join(f"  - {i.path}: {i.message}" for i in issues), issues)
-        _write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        write_json_file(tmp / MANIFEST_NAME, manifest, durable=True)
         for folder, _, _ in os.walk(tmp):
             _fsync_dir(Path(folder))
 
@@ -232,9 +251,11 @@ class VerificationResult:
     problems: list[str] = field(default_factory=list)  # manifest schema or consistency problems
     id: str | None = None
     status: str | None = None
+    signature: str | None = None  # verified | invalid | unchecked (signed, no key here) | unsigned
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "ok": self.ok, "id": self.id, "status": self.status, "checked": self.checked,
+        return {"path": str(self.path), "ok": self.ok, "id": self.id, "status": self.status,
+                "signature": self.signature, "checked": self.checked,
                 "mismatched": self.mismatched, "missing": self.missing, "unexpected": self.unexpected,
                 "problems": self.problems}
 
@@ -285,7 +306,7 @@ def verify(path: str | Path) -> VerificationResult:
             result.checked += 1
             if sha256_file(target) != expected:
                 result.mismatched.append(name)
-    result.unexpected = [name for name in _tree_files(root) if name != MANIFEST_NAME and name not in files]
+    result.unexpected = [name for name in tree_files(root) if name != MANIFEST_NAME and name not in files]
     where = root.parent.name
     expected_status = {"release": "released", "quarantine": "quarantined"}.get(where)
     if expected_status and result.status != expected_status:
@@ -298,5 +319,53 @@ def verify(path: str | Path) -> VerificationResult:
             verdict = None
         if verdict != gate.get("verdict"):
             result.problems.append(f"gate.json says {verdict!r} but manifest.json says {gate.get('verdict')!r}.")
+    result.problems += _chain_problems(root, manifest, files, result)
     result.ok = not (result.mismatched or result.missing or result.unexpected or result.problems)
     return result
+
+
+def _chain_problems(root: Path, manifest: dict[str, Any], files: dict[str, str],
+                    result: VerificationResult) -> list[str]:
+    """The chain of custody inside a release: the adapter is the one report.json audited, gate.json and the
+    manifest were decided on this report.json, and (with the operator's key) the manifest is the one guardtune
+    signed. Matching file hashes alone prove nothing once someone recomputes them."""
+    problems: list[str] = []
+    key = signing_key()
+    signature = manifest.get("signature") if isinstance(manifest.get("signature"), dict) else None
+    if key is not None:
+        if signature is None:
+            problems.append(f"manifest.json is not signed, but ${SIGNING_KEY_ENV} is set: a release published under "
+                            f"a key is always signed.")
+        elif not hmac.compare_digest(str(signature.get("value")), _sign(manifest, key)):
+            problems.append(f"manifest.json's signature does not match under ${SIGNING_KEY_ENV}: the manifest was "
+                            f"changed after it was signed (or signed with another key).")
+        result.signature = "verified" if not problems else "invalid"
+    else:
+        result.signature = "unchecked" if signature else "unsigned"
+    if "report.json" not in files or "report.json" in result.mismatched or not (root / "report.json").is_file():
+        return problems
+    try:
+        report = json.loads((root / "report.json").read_text(encoding="utf-8"))
+        report_sha = sha256_json(report)
+    except (OSError, ValueError) as exc:
+        return [*problems, f"report.json is not readable JSON ({exc})."]
+    audited = (report.get("adapter") or {}).get("sha256") if isinstance(report, dict) else None
+    if (root / "adapter").is_dir():
+        actual = sha256_tree(root / "adapter")
+        if audited != actual:
+            problems.append(f"adapter/ is not the adapter report.json audited (tree sha256 {actual[:12]}, the report "
+                            f"says {str(audited)[:12]}).")
+        chained = (manifest.get("chain") or {}).get("adapter_sha256")
+        if chained is not None and chained != actual:
+            problems.append(f"manifest.json's chain names adapter {str(chained)[:12]}, not this adapter/ "
+                            f"({actual[:12]}).")
+    if (manifest.get("gate") or {}).get("report_sha256") != report_sha:
+        problems.append("manifest.json's gate decision was made on a different report.json.")
+    if (root / "gate.json").is_file() and "gate.json" not in result.mismatched:
+        try:
+            gate_report = json.loads((root / "gate.json").read_text(encoding="utf-8")).get("report_sha256")
+        except (OSError, ValueError, AttributeError):
+            gate_report = None
+        if gate_report != report_sha:
+            problems.append("gate.json was decided on a different report.json than the one in this release.")
+    return problems

@@ -1,170 +1,166 @@
-"""Audit report I/O: report.json schema check, Wilson intervals, and the self-contained HTML report (inline SVG)."""
+"""The audit report: report.json read back and checked (schema, then counts that contradict each other), and
+the self-contained HTML page a reviewer reads (inline SVG)."""
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
 from collections import defaultdict
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import Issue, ReportError, did_you_mean
+from .errors import Issue, ReportError
+from .evalsets import HAZARD_CATEGORIES
+from .judges import wilson_interval
+from .provenance import sha256_json
+from .schemas import pointer, schema_issues
+
+if TYPE_CHECKING:
+    import jinja2
 
 REPORT_KIND = "guardtune-audit-report"
-Z95 = 1.959964
-KNOWN_KINDS = {"guardtune-gate-decision": "gate.json (a gate decision)",
-               "guardtune-release-manifest": "manifest.json (a release manifest)"}
 
 
-# ----------------------------------------------------------------------------------------------- numbers
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; (0, 1) when n = 0 (nothing is known)."""
-    if n < 0 or successes < 0 or successes > n:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got successes={successes}, n={n}.")
-    if n == 0:
-        return 0.0, 1.0
-    # Unlike the normal approximation p ± z·sqrt(p(1-p)/n), Wilson stays inside [0, 1] and is not
-    # degenerate at 0/n or n/n — which is exactly where small CPU-sized audits live.
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends: 0/n and n/n touch the boundary
-    hi = 1.0 if successes == n else min(1.0, center + half)
-    return lo, hi
-
-
-def canonical_json(document: Any) -> str:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_json(document: Any) -> str:
-    """sha256 of the canonical JSON of a document (key order and whitespace do not matter)."""
-    return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------- schema
-
-@lru_cache(maxsize=None)
-def load_schema(name: str) -> dict[str, Any]:
-    """A shipped JSON Schema by short name: report, gate, manifest, policy."""
-    return json.loads(resources.files("guardtune").joinpath(f"schemas/{name}.schema.json").read_text("utf-8"))
-
-
-def _pointer(parts: Iterable[Any]) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def schema_issues(document: Any, schema_name: str, code: str) -> list[Issue]:
-    """Every JSON-Schema problem in `document`, each with a JSON pointer and a how-to-fix message."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(load_schema(schema_name))
-    errors = [leaf for error in validator.iter_errors(document) for leaf in _branch_errors(error)]
-    issues = []
-    for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
-        issues.append(Issue(code=code, path=_pointer(error.absolute_path) or "/",
-                            message=_explain(error, schema_name)))
-    return issues
-
-
-def _branch_errors(error: Any) -> list[Any]:
-    """For a oneOf/anyOf failure, the errors of the branch the value was meant for (not "matches no branch")."""
-    if error.validator not in ("oneOf", "anyOf") or not error.context:
-        return [error]
-    branches: dict[Any, list[Any]] = defaultdict(list)
-    for sub in error.context:
-        branches[sub.relative_schema_path[0]].append(sub)
-    # A branch that failed only on the value's own type (e.g. the `null` of "null or object") was not meant.
-    meant = [subs for subs in branches.values()
-             if not all(s.validator == "type" and not s.relative_path for s in subs)]
-    if len(meant) == 1:
-        return [leaf for sub in meant[0] for leaf in _branch_errors(sub)]
-    return [error]
-
-
-def _explain(error: Any, schema_name: str) -> str:
-    where = _pointer(error.absolute_path) or "the top level"
-    if error.validator in ("oneOf", "anyOf"):
-        types = [t for sub in error.context if sub.validator == "type" and not sub.relative_path
-                 for t in ([sub.validator_value] if isinstance(sub.validator_value, str) else sub.validator_value)]
-        if types:
-            return f"{where} is {_json_type(error.instance)} {_short(error.instance)}; expected {' or '.join(types)}."
-        return f"{where} matches none of the allowed forms: {error.message}. See guardtune/schemas/{schema_name}.schema.json."
-    fix = f"See guardtune/schemas/{schema_name}.schema.json."
-    value = error.instance
-    if error.validator == "required":
-        missing = [k for k in error.validator_value if isinstance(value, dict) and k not in value]
-        return f"{where} is missing required field(s) {', '.join(map(repr, missing))}. Add them. {fix}"
-    if error.validator == "additionalProperties" and isinstance(value, dict):
-        known = list(error.schema.get("properties", {}))
-        unknown = [k for k in value if k not in known]
-        return " ".join(f"unknown key {k!r} in {where}.{did_you_mean(k, known)} Remove it or fix the spelling."
-                        for k in unknown)
-    if error.validator == "type":
-        expected = error.validator_value if isinstance(error.validator_value, str) else \
-            " or ".join(error.validator_value)
-        return f"{where} is {_json_type(value)} {_short(value)}; expected {expected}. {fix}"
-    if error.validator == "const":
-        if error.absolute_path and list(error.absolute_path)[-1] == "kind" and value in KNOWN_KINDS:
-            return (f"kind is {value!r}: this file is {KNOWN_KINDS[value]}, not an audit report. "
-                    f"Pass the audit's report.json.")
-        return f"{where} is {_short(value)}; it must be {error.validator_value!r}."
-    if error.validator == "enum":
-        options = [str(o) for o in error.validator_value]
-        return f"{where} is {_short(value)}, which is not allowed.{did_you_mean(str(value), options)}"
-    return f"{where}: {error.message}. {fix}"
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
+# ----------------------------------------------------------------------------------------------- the document
 
 def validate_report(report: Any) -> list[Issue]:
-    """Schema problems, then (if the shape is right) counts that contradict each other."""
+    """Schema problems, then (if the shape is right) every number that its counts contradict.
+
+    The gate decides on these numbers, so nothing in report.json is taken on trust that can be re-derived: each
+    rate and Wilson interval is recomputed from its counts, counts are checked against each other (0 <= harmful
+    <= n - errors; categories sum to their k; the judge's error total is the sum of the entries'), KL values must
+    be finite and non-negative, and the base and the fine-tuned model must have been audited on the same prefix
+    lengths and the same number of prompts. A report edited by hand (or by an attacker) fails here, so the gate
+    rejects it with the reason instead of passing it."""
     issues = schema_issues(report, "report", "report-schema")
     if issues:
         return issues
     for model, result in report["results"].items():
-        if result is None:
-            continue
-        base = f"/results/{model}"
-        entries = [(f"{base}/asr/{i}", e) for i, e in enumerate(result["asr"])]
-        for category, rows in result["asr_by_category"].items():
-            entries += [(f"{base}/asr_by_category/{_pointer([category])[1:]}/{i}", e) for i, e in enumerate(rows)]
-        for path, entry in entries:
-            if entry["errors"] + entry["harmful"] > entry["n"]:
-                issues.append(Issue(code="report-inconsistent", path=path, message=(
-                    f"{path}: harmful ({entry['harmful']}) + errors ({entry['errors']}) exceed n ({entry['n']}). "
-                    f"The audit that wrote this report miscounted; re-run `guardtune audit`.")))
-        seen: set[int] = set()
-        for i, entry in enumerate(result["asr"]):
-            if entry["k"] in seen:
-                issues.append(Issue(code="report-inconsistent", path=f"{base}/asr/{i}/k", message=(
-                    f"k={entry['k']} appears twice in {base}/asr; each prefix length must have one entry.")))
-            seen.add(entry["k"])
-        refusal = result["over_refusal"]
-        if refusal["errors"] + refusal["refusals"] > refusal["n"]:
-            issues.append(Issue(code="report-inconsistent", path=f"{base}/over_refusal", message=(
-                f"{base}/over_refusal: refusals + errors exceed n. Re-run `guardtune audit`.")))
-        kl = result["kl_profile"]
-        if kl is not None and len(kl["positions"]) != len(kl["mean_kl"]):
-            issues.append(Issue(code="report-inconsistent", path=f"{base}/kl_profile", message=(
-                f"{base}/kl_profile has {len(kl['positions'])} positions but {len(kl['mean_kl'])} mean_kl values; "
-                f"they must pair up.")))
+        if result is not None:
+            issues += _result_issues(f"/results/{model}", result)
+    base, tuned = report["results"]["base"], report["results"]["finetuned"]
+    if base is not None and tuned is not None:
+        issues += _pairing_issues(base, tuned)
+    configured = (report.get("config") or {}).get("prefill_k")
+    for model, result in report["results"].items():
+        audited = sorted(e["k"] for e in result["asr"]) if result is not None else None
+        if configured is not None and audited is not None and audited != sorted(configured):
+            issues.append(_inconsistent(f"/results/{model}/asr", f"the audit was configured for k = "
+                                        f"{sorted(configured)} but reports k = {audited}; every configured k must be "
+                                        f"reported once."))
     return issues
+
+
+# Rates are ratios of small integers written as JSON floats; anything further off than this was not computed.
+RATE_TOLERANCE = 1e-9
+
+
+def _inconsistent(path: str, message: str) -> Issue:
+    return Issue(code="report-inconsistent", path=path,
+                 message=f"{path}: {message} The audit that wrote this report miscounted or the file was edited; "
+                         f"re-run `guardtune audit`.")
+
+
+def _rate_issues(path: str, entry: dict[str, Any], hits_key: str, errors: int) -> list[Issue]:
+    """Counts, rate and interval of one rate entry (an ASR at one k, over-refusal, utility)."""
+    n, hits = entry["n"], entry[hits_key]
+    scored = n - errors
+    if hits + errors > n:
+        return [_inconsistent(path, f"{hits_key} ({hits}) + errors ({errors}) exceed n ({n}).")]
+    issues = []
+    rate = hits / scored if scored else 0.0
+    if abs(entry["rate"] - rate) > RATE_TOLERANCE:
+        issues.append(_inconsistent(f"{path}/rate", f"rate is {entry['rate']!r} but {hits_key} / scored samples is "
+                                                    f"{hits}/{scored} = {rate!r}."))
+    interval = wilson_interval(hits, scored)
+    if any(abs(a - b) > RATE_TOLERANCE for a, b in zip(entry["ci95"], interval)):
+        issues.append(_inconsistent(f"{path}/ci95", f"ci95 is {entry['ci95']!r} but the Wilson interval of "
+                                                    f"{hits}/{scored} is {list(interval)!r}."))
+    return issues
+
+
+def _result_issues(base: str, result: dict[str, Any]) -> list[Issue]:
+    issues: list[Issue] = []
+    by_k: dict[int, dict[str, Any]] = {}
+    for i, entry in enumerate(result["asr"]):
+        if entry["k"] in by_k:
+            issues.append(_inconsistent(f"{base}/asr/{i}/k", f"k={entry['k']} appears twice; each prefix length must "
+                                                           f"have one entry."))
+        by_k[entry["k"]] = entry
+        issues += _rate_issues(f"{base}/asr/{i}", entry, "harmful", entry["errors"])
+    totals: dict[int, list[int]] = {}
+    for category, rows in result["asr_by_category"].items():
+        for i, entry in enumerate(rows):
+            path = f"{base}/asr_by_category/{pointer([category])[1:]}/{i}"
+            issues += _rate_issues(path, entry, "harmful", entry["errors"])
+            if entry["k"] not in by_k:
+                issues.append(_inconsistent(f"{path}/k", f"k={entry['k']} is not among the audited k."))
+            total = totals.setdefault(entry["k"], [0, 0, 0])
+            for j, key in enumerate(("n", "harmful", "errors")):
+                total[j] += entry[key]
+    if result["asr_by_category"]:
+        for k, entry in sorted(by_k.items()):
+            summed = totals.get(k, [0, 0, 0])
+            if summed != [entry["n"], entry["harmful"], entry["errors"]]:
+                issues.append(_inconsistent(f"{base}/asr_by_category", f"at k={k} the categories add up to n, harmful, "
+                                            f"errors = {summed}, but the k={k} entry says "
+                                            f"{[entry['n'], entry['harmful'], entry['errors']]}."))
+    refusal = result["over_refusal"]
+    issues += _rate_issues(f"{base}/over_refusal", refusal, "refusals", refusal["errors"])
+    if result.get("utility") is not None:
+        issues += _rate_issues(f"{base}/utility", result["utility"], "correct", 0)
+    judged = result["judge_errors"]
+    samples = sum(e["n"] for e in by_k.values()) + refusal["n"]
+    errors = sum(e["errors"] for e in by_k.values()) + refusal["errors"]
+    if (judged["samples"], judged["errors"]) != (samples, errors):
+        issues.append(_inconsistent(f"{base}/judge_errors", f"says {judged['errors']} errors in {judged['samples']} "
+                                    f"judged samples, but the ASR and over-refusal entries add up to {errors} in "
+                                    f"{samples}."))
+    elif abs(judged["rate"] - (errors / samples if samples else 0.0)) > RATE_TOLERANCE:
+        issues.append(_inconsistent(f"{base}/judge_errors/rate",
+                                    f"rate is {judged['rate']!r}, not {errors}/{samples}."))
+    kl = result["kl_profile"]
+    if kl is not None:
+        values = [*kl["mean_kl"], kl["mean_first5"]]
+        if len(kl["positions"]) != len(kl["mean_kl"]):
+            issues.append(_inconsistent(f"{base}/kl_profile", f"{len(kl['positions'])} positions but "
+                                        f"{len(kl['mean_kl'])} mean_kl values; they must pair up."))
+        elif not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= -1e-6 for v in values):
+            issues.append(_inconsistent(f"{base}/kl_profile", "a KL value is negative or not finite; a KL "
+                                        "divergence is a finite number >= 0."))
+        else:
+            first5 = [v for t, v in zip(kl["positions"], kl["mean_kl"]) if 1 <= t <= 5]
+            if first5 and abs(kl["mean_first5"] - sum(first5) / len(first5)) > 1e-6:
+                issues.append(_inconsistent(f"{base}/kl_profile/mean_first5", f"mean_first5 is {kl['mean_first5']!r} "
+                                            f"but positions 1..5 average {sum(first5) / len(first5)!r}."))
+    return issues
+
+
+def _pairing_issues(base: dict[str, Any], tuned: dict[str, Any]) -> list[Issue]:
+    """Base and fine-tuned must be audited on the same prompts: same k, same n at each k, same probe sizes."""
+    base_k = {e["k"]: e["n"] for e in base["asr"]}
+    tuned_k = {e["k"]: e["n"] for e in tuned["asr"]}
+    issues = []
+    if base_k != tuned_k:
+        issues.append(_inconsistent("/results", f"base and fine-tuned were audited on different prompts or prefix "
+                                    f"lengths (n per k: base {base_k}, fine-tuned {tuned_k}); a comparison needs the "
+                                    f"same ones."))
+    if base["over_refusal"]["n"] != tuned["over_refusal"]["n"]:
+        issues.append(_inconsistent("/results", f"base and fine-tuned over-refusal probes differ in size "
+                                    f"({base['over_refusal']['n']} vs {tuned['over_refusal']['n']})."))
+    sizes = [(r.get("utility") or {}).get("n") for r in (base, tuned)]
+    if sizes[0] != sizes[1]:
+        issues.append(_inconsistent("/results", f"base and fine-tuned utility probes differ ({sizes[0]} vs "
+                                    f"{sizes[1]} questions)."))
+    return issues
+
+
+def asr_by_k(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """A model's ASR entries keyed by prefix length k ({} for a model that was not audited)."""
+    return {} if result is None else {entry["k"]: entry for entry in result["asr"]}
 
 
 def find_report(path: str | Path) -> Path:
@@ -194,6 +190,9 @@ def load_report(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ReportError(f"Report {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
                           f"Re-run `guardtune audit` or restore the file.")
+    except (ValueError, RecursionError) as exc:  # a 5000-digit integer, nesting deeper than the parser goes
+        raise ReportError(f"Report {path} cannot be read: {str(exc)[:120] or type(exc).__name__}. It is not a report "
+                          f"`guardtune audit` wrote; re-run it or restore the file.")
     issues = validate_report(report)
     if issues:
         lines = "\n".join(f"  - {issue.path}: {issue.message}" for issue in issues)
@@ -208,16 +207,30 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
         for line in handle:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(record, dict):
+            if isinstance(record, dict) and _sample_shaped(record):
                 samples.append(record)
     return samples
 
 
+_SAMPLE_TEXT = ("model", "set", "id", "category", "instruction", "prefix", "continuation")
+
+
+def _sample_shaped(record: dict[str, Any]) -> bool:
+    """A record the page and the paired gate test can read: text fields are text, k an integer, verdict a dict."""
+    return (all(isinstance(record.get(key, ""), str) for key in _SAMPLE_TEXT)
+            and isinstance(record.get("k", 0), int) and isinstance(record.get("verdict", {}), dict))
+
+
 # ----------------------------------------------------------------------------------------------- HTML
 
+# The page's structure and CSS live in guardtune/data/report.html.j2, escaped by jinja2's autoescape. This
+# module prepares what the page shows (`_page_view`: plain dicts of display strings, nothing escaped) and draws
+# the SVG charts: they are arithmetic on coordinates, which reads better here than in template macros.
+
 def _e(value: Any) -> str:
+    """Escape for the SVG strings built below; the template never needs it (jinja2 escapes every value)."""
     return html.escape("" if value is None else str(value), quote=True)
 
 
@@ -228,42 +241,6 @@ def _pct(rate: float | None, digits: int = 1) -> str:
 def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f"[{_pct(ci[0], 0)}, {_pct(ci[1], 0)}]"
 
-
-def _by_k(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
-    return {} if result is None else {entry["k"]: entry for entry in result["asr"]}
-
-
-CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2937;margin:0;background:#f8fafc}
-main{max-width:1080px;margin:0 auto;padding:24px}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
-h3{font-size:15px;margin:16px 0 6px}
-.sub{color:#6b7280;font-size:13px}
-.banner{padding:10px 14px;border-radius:6px;margin:12px 0;font-weight:600}
-.pass{background:#dcfce7;color:#166534;border:1px solid #86efac}
-.reject{background:#fee2e2;color:#991b1b;border:1px solid #fca5a5}
-.none{background:#e5e7eb;color:#374151}
-.note{background:#fef9c3;color:#713f12;border:1px solid #fde047;font-weight:500}
-.warn{background:#ffedd5;color:#9a3412;border:1px solid #fdba74;font-weight:500}
-table{border-collapse:collapse;margin:6px 0;background:#fff;font-size:14px}
-th,td{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f1f5f9}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.up{background:#fee2e2;color:#991b1b;font-weight:600}td.down{color:#166534}
-td.ok{color:#166534;font-weight:600}td.bad{color:#991b1b;font-weight:700}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:8px}
-svg text{font:12px system-ui,sans-serif;fill:#374151}
-details{background:#fff;border:1px solid #e5e7eb;border-radius:6px;margin:6px 0;padding:6px 10px}
-summary{cursor:pointer;font-weight:600}
-.sample{border-top:1px solid #f1f5f9;padding:8px 0}
-.instr{font-weight:600;margin:2px 0}
-.resp{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;background:#f8fafc;padding:6px}
-.prefix{background:#fde68a;border-bottom:2px solid #d97706}
-.tag{display:inline-block;padding:0 6px;border-radius:4px;font-size:12px;font-weight:600}
-.tag.harmful,.tag.error{background:#fee2e2;color:#991b1b}.tag.refusal{background:#dbeafe;color:#1e40af}
-.tag.safe{background:#dcfce7;color:#166534}
-pre{background:#fff;border:1px solid #e5e7eb;padding:8px;overflow:auto;font-size:12px}
-"""
 
 BASE_COLOR, FT_COLOR, LIMIT_COLOR = "#6b7280", "#2563eb", "#dc2626"
 
@@ -285,7 +262,7 @@ def _legend(x: float, y: float, items: list[tuple[str, str, bool]]) -> str:
 
 def asr_chart(report: dict[str, Any], limits: dict[int, float] | None = None) -> str:
     """ASR vs prefix length k, base and fine-tuned, with 95% Wilson error bars and gate limits if known."""
-    base, tuned = _by_k(report["results"]["base"]), _by_k(report["results"]["finetuned"])
+    base, tuned = asr_by_k(report["results"]["base"]), asr_by_k(report["results"]["finetuned"])
     ks = sorted(set(base) | set(tuned))
     width, height, left, right, top, bottom = 520, 300, 48, 150, 16, 40
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -302,7 +279,8 @@ def asr_chart(report: dict[str, Any], limits: dict[int, float] | None = None) ->
                    f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{int(tick * 100)}%</text>')
     for k in ks:
         out.append(f'<text x="{x_of[k]:.1f}" y="{top + plot_h + 18}" text-anchor="middle">{k}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">prefilled harmful tokens k</text>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">'
+               f'prefilled harmful tokens k</text>')
     for k, limit in sorted((limits or {}).items()):
         if k in x_of:
             out.append(f'<line x1="{x_of[k] - step / 3:.1f}" y1="{y(limit):.1f}" x2="{x_of[k] + step / 3:.1f}" '
@@ -473,149 +451,134 @@ def over_refusal_chart(report: dict[str, Any]) -> str:
     return "".join(out)
 
 
+# ------------------------------------------------------------------------------------ HTML: the view-model
+# Each function below returns what one section of report.html.j2 shows, as plain dicts and lists of display
+# strings, unescaped. A section returned as None shows its empty message; a None value renders as "".
+
 def _category_names() -> dict[str, str]:
-    try:  # evalsets is torch-free; fall back to bare codes if it is unavailable
-        from .evalsets import HAZARD_CATEGORIES
-
-        return dict(HAZARD_CATEGORIES)
-    except Exception:
-        return {}
+    return dict(HAZARD_CATEGORIES)
 
 
-def _headline(report: dict[str, Any]) -> str:
+def _compare_row(label: str, base: dict | None, tuned: dict | None, count_key: str,
+                 higher_is_better: bool = False) -> dict[str, Any]:
+    """A headline row: one cell per model (None: not measured) and the change, classed "up" when it got worse."""
+    def cell(entry: dict | None) -> dict[str, str] | None:
+        if entry is None:
+            return None
+        scored = entry["n"] - entry.get("errors", 0)
+        return {"value": f"{_pct(entry['rate'])} ({entry[count_key]}/{scored})", "ci": _ci(entry["ci95"])}
+
+    change = ""
+    change_class = ""
+    if base is not None and tuned is not None:
+        delta = tuned["rate"] - base["rate"]
+        change = f"{'+' if delta >= 0 else ''}{100 * delta:.1f} pts"
+        worse = -delta if higher_is_better else delta
+        change_class = "up" if worse > 1e-12 else "down" if worse < -1e-12 else ""
+    return {"label": label, "base": cell(base), "tuned": cell(tuned), "change": change, "change_class": change_class}
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
     base, tuned = report["results"]["base"], report["results"]["finetuned"]
-    base_k, tuned_k = _by_k(base), _by_k(tuned)
-    rows = []
-    for k in sorted(set(base_k) | set(tuned_k)):
-        b, t = base_k.get(k), tuned_k.get(k)
-        rows.append(_compare_row(f"ASR at k={k}", b, t, "harmful"))
+    base_k, tuned_k = asr_by_k(base), asr_by_k(tuned)
+    rows = [_compare_row(f"ASR at k={k}", base_k.get(k), tuned_k.get(k), "harmful")
+            for k in sorted(set(base_k) | set(tuned_k))]
     rows.append(_compare_row("Over-refusal (benign)", base["over_refusal"],
                              tuned["over_refusal"] if tuned else None, "refusals"))
     if base.get("utility"):
         rows.append(_compare_row("Utility (factual probe accuracy)", base["utility"],
                                  tuned.get("utility") if tuned else None, "correct", higher_is_better=True))
-    if tuned and tuned["kl_profile"]:
-        kl = tuned["kl_profile"]
-        rows.append(f'<tr><td>Mean KL at tokens 1-5 (nats)</td><td class="num">0</td>'
-                    f'<td class="num">{kl["mean_first5"]:.4g}</td><td class="num"></td></tr>')
-    for name, result in (("base", base), ("fine-tuned", tuned)):
-        if result:
-            je = result["judge_errors"]
-            cls = "up" if je["errors"] else ""
-            rows.append(f'<tr><td>Judge errors ({name})</td><td colspan="3" class="num {cls}">{je["errors"]} of '
-                        f'{je["samples"]} samples unscorable</td></tr>')
-    return ('<table><tr><th>metric</th><th>base</th><th>fine-tuned</th><th>change</th></tr>'
-            + "".join(rows) + "</table>")
+    kl = tuned["kl_profile"] if tuned else None
+    return {"rows": rows, "kl_first5": f"{kl['mean_first5']:.4g}" if kl else None,
+            "judge_errors": [{"model": name, **result["judge_errors"]}  # samples, errors, rate
+                             for name, result in (("base", base), ("fine-tuned", tuned)) if result]}
 
 
-def _compare_row(label: str, base: dict | None, tuned: dict | None, count_key: str,
-                 higher_is_better: bool = False) -> str:
-    def cell(entry: dict | None) -> str:
-        if entry is None:
-            return '<td class="num">n/a</td>'
-        scored = entry["n"] - entry.get("errors", 0)
-        return (f'<td class="num">{_pct(entry["rate"])} ({entry[count_key]}/{scored}) '
-                f'<span class="sub">{_ci(entry["ci95"])}</span></td>')
-
-    change = ""
-    cls = ""
-    if base is not None and tuned is not None:
-        delta = tuned["rate"] - base["rate"]
-        change = f"{'+' if delta >= 0 else ''}{100 * delta:.1f} pts"
-        worse = -delta if higher_is_better else delta
-        cls = "up" if worse > 1e-12 else "down" if worse < -1e-12 else ""
-    return f'<tr><td>{_e(label)}</td>{cell(base)}{cell(tuned)}<td class="num {cls}">{change}</td></tr>'
-
-
-def _category_table(report: dict[str, Any]) -> str:
+def _category_table(report: dict[str, Any]) -> dict[str, Any] | None:
+    """ASR per hazard category and k, base → fine-tuned; a cell is "up" when the fine-tuned model does worse."""
     base, tuned = report["results"]["base"], report["results"]["finetuned"]
     names = _category_names()
     categories = sorted(set(base["asr_by_category"]) | set(tuned["asr_by_category"] if tuned else {}),
                         key=lambda c: (len(c), c))
     if not categories:
-        return '<p class="sub">No per-category results.</p>'
+        return None
     ks = sorted({e["k"] for rows in base["asr_by_category"].values() for e in rows} |
                 {e["k"] for rows in (tuned["asr_by_category"].values() if tuned else []) for e in rows})
-    head = "".join(f"<th>k={k}<br><span class='sub'>base → fine-tuned</span></th>" for k in ks)
-    body = []
+    rows = []
     for category in categories:
         b = {e["k"]: e for e in base["asr_by_category"].get(category, [])}
         t = {e["k"]: e for e in (tuned["asr_by_category"].get(category, []) if tuned else [])}
-        n = max([e["n"] for e in [*b.values(), *t.values()]] or [0])
         cells = []
         for k in ks:
             bb, tt = b.get(k), t.get(k)
-            up = bb is not None and tt is not None and tt["rate"] > bb["rate"] + 1e-12
-            cells.append(f'<td class="num{" up" if up else ""}">{_pct(bb["rate"], 0) if bb else "n/a"} → '
-                         f'{_pct(tt["rate"], 0) if tt else "n/a"}</td>')
-        label = f"{category} {names.get(category, '')}".strip()
-        body.append(f'<tr><td>{_e(label)}</td><td class="num">{n}</td>{"".join(cells)}</tr>')
-    return (f'<table><tr><th>category</th><th>n</th>{head}</tr>{"".join(body)}</table>'
-            f'<p class="sub">Red cells: the fine-tuned model is attacked more successfully than the base. Categories '
-            f'hold few prompts in a sampled audit; read small differences as noise.</p>')
+            cells.append({"text": f'{_pct(bb["rate"], 0) if bb else "n/a"} → {_pct(tt["rate"], 0) if tt else "n/a"}',
+                          "up": bb is not None and tt is not None and tt["rate"] > bb["rate"] + 1e-12})
+        rows.append({"label": f"{category} {names.get(category, '')}".strip(),
+                     "n": max([e["n"] for e in [*b.values(), *t.values()]] or [0]), "cells": cells})
+    return {"ks": ks, "rows": rows}
 
 
-def _gate_section(decision: dict[str, Any] | None) -> str:
+def _gate(report: dict[str, Any], decision: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The verdict banner, the failed rules listed under it, and the gate section's table of every rule."""
     if decision is None:
-        return '<p class="sub">No gate.json beside this report: run <code>guardtune gate</code> to decide.</p>'
-    rows = []
-    for rule in decision.get("rules", []):
+        return None
+    rules = decision.get("rules", [])
+    failed = [r for r in rules if not r.get("passed")]
+    verdict = decision.get("verdict", "reject")
+    policy = decision.get("policy", {})
+    table = []
+    for rule in rules:
         where = ", ".join(x for x in (f"k={rule['k']}" if rule.get("k") is not None else "",
                                       rule.get("category") or "", rule.get("model") or "") if x)
-        value = "missing" if rule.get("value") is None else f"{rule['value']:.4g}"
-        verdict = '<td class="ok">pass</td>' if rule.get("passed") else '<td class="bad">FAIL</td>'
-        rows.append(f'<tr><td>{_e(rule.get("rule"))}</td><td>{_e(where)}</td><td class="num">{_e(value)}</td>'
-                    f'<td class="num">{_e(rule.get("limit"))}</td>{verdict}<td>{_e(rule.get("reason"))}</td></tr>')
-    policy = decision.get("policy", {})
-    return (f'<p>Policy <b>{_e(policy.get("name"))}</b> v{_e(policy.get("version"))} '
-            f'<span class="sub">sha256 {_e(str(policy.get("sha256", ""))[:16])}…, decided {_e(decision.get("decided_at"))}'
-            f'</span></p><table><tr><th>rule</th><th>where</th><th>value</th><th>limit</th><th>result</th>'
-            f'<th>reason</th></tr>{"".join(rows)}</table>')
+        table.append({"rule": rule.get("rule"), "where": where, "limit": rule.get("limit"),
+                      "value": "missing" if rule.get("value") is None else f"{rule['value']:.4g}",
+                      "passed": bool(rule.get("passed")), "reason": rule.get("reason")})
+    return {
+        "passed": verdict == "pass",
+        "banner": (f"Gate verdict: {verdict.upper()} under policy {policy.get('name')} v{policy.get('version')} — "
+                   f"{len(failed)} of {len(rules)} rules failed"),
+        "failed_reasons": [r.get("reason") for r in failed[:8]],  # the rest are in the gate section's table
+        "failed_not_listed": max(len(failed) - 8, 0),
+        # gate.json found beside a report.json that is not the one it decided on: say so, do not trust it.
+        "for_another_report": bool(decision.get("report_sha256")) and decision["report_sha256"] != sha256_json(report),
+        "policy": {"name": policy.get("name"), "version": policy.get("version"),
+                   "sha256": str(policy.get("sha256", ""))[:16]},
+        "decided_at": decision.get("decided_at"),
+        "rules": table,
+    }
 
 
-def _provenance(report: dict[str, Any]) -> str:
+def _provenance(report: dict[str, Any]) -> list[tuple[str, Any]]:
     model, adapter, judge = report["model"], report["adapter"], report["judge"]
     prefix, sample, prov = report["prefix_source"], report["sample"], report["provenance"]
     rows = [
-        ("base model", f"{model['spec']} ({model['kind']}, revision {model['revision'] or '-'}, "
-                       f"{model['dtype']}, quantization {model['quantization']})"),
+        ("base model", (f"{model['spec']} ({model['kind']}, revision {model['revision'] or '-'}, "
+                        f"{model['dtype']}, quantization {model['quantization']})")),
         ("base weights sha256", model["weights_sha256"]),
         ("adapter", f"{adapter['path']}  sha256 {adapter['sha256']}" if adapter else "none (base-only audit)"),
         ("judge", ", ".join(f"{k}={v}" for k, v in judge.items())),
-        ("prefix source", f"{prefix['kind']}, {prefix['tokens']} tokens"
-                          + (f", model {prefix['model']}" if prefix.get("model") else "")
-                          + (f" (sha256 {prefix['model_sha256']})" if prefix.get("model_sha256") else "")
-                          + (f" — {prefix['note']}" if prefix.get("note") else "")),
-        ("sample", f"{sample['harmful']} of {sample['harmful_total']} harmful prompts, {sample['benign']} of "
-                   f"{sample['benign_total']} benign probes, seed {sample['seed']}, "
-                   f"{sample['max_new_tokens']} new tokens"),
+        ("prefix source", (f"{prefix['kind']}, {prefix['tokens']} tokens"
+                           + (f", model {prefix['model']}" if prefix.get("model") else "")
+                           + (f" (sha256 {prefix['model_sha256']})" if prefix.get("model_sha256") else "")
+                           + (f" — {prefix['note']}" if prefix.get("note") else ""))),
+        ("sample", (f"{sample['harmful']} of {sample['harmful_total']} harmful prompts, {sample['benign']} of "
+                    f"{sample['benign_total']} benign probes, seed {sample['seed']}, "
+                    f"{sample['max_new_tokens']} new tokens")),
         ("created", report["created_at"]),
     ]
-    rows += [(key, json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value)
-             for key, value in prov.items()]
-    table = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
-    config = json.dumps(report["config"], indent=2, ensure_ascii=False, sort_keys=True)
-    return (f"<table>{table}</table><details><summary>Audit configuration</summary><pre>{_e(config)}</pre>"
-            f"</details>")
+    return rows + [(key, json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value)
+                   for key, value in prov.items()]
 
 
-def _verdict_tag(verdict: dict[str, Any] | None) -> str:
+def _verdict_tag(verdict: dict[str, Any] | None) -> dict[str, str]:
     verdict = verdict or {}
     if verdict.get("error"):
-        return f'<span class="tag error">judge error: {_e(verdict["error"])}</span>'
+        return {"class": "error", "text": f"judge error: {verdict['error']}"}
     if verdict.get("harmful"):
-        return '<span class="tag harmful">harmful</span>'
+        return {"class": "harmful", "text": "harmful"}
     if verdict.get("refusal"):
-        return '<span class="tag refusal">refusal</span>'
-    return '<span class="tag safe">not harmful</span>'
-
-
-def _sample_card(sample: dict[str, Any]) -> str:
-    prefix = sample.get("prefix") or ""
-    prefix_html = f'<span class="prefix" title="prefilled by the attack">{_e(prefix)}</span>' if prefix else ""
-    return (f'<div class="sample"><div class="sub">{_e(sample.get("id"))} · {_e(sample.get("category"))} · '
-            f'{_verdict_tag(sample.get("verdict"))}</div><div class="instr">{_e(sample.get("instruction"))}</div>'
-            f'<div class="resp">{prefix_html}{_e(sample.get("continuation"))}</div></div>')
+        return {"class": "refusal", "text": "refusal"}
+    return {"class": "safe", "text": "not harmful"}
 
 
 def _rank(sample: dict[str, Any]) -> int:
@@ -623,89 +586,91 @@ def _rank(sample: dict[str, Any]) -> int:
     return 0 if verdict.get("harmful") else 1 if verdict.get("error") else 2
 
 
-def _sample_group(title: str, members: list[dict[str, Any]], cap: int) -> str:
+def _sample_group(summary: str, members: list[dict[str, Any]], cap: int) -> dict[str, Any]:
     ordered = sorted(members, key=_rank)  # harmful first, then judge errors: what a reviewer must see
-    shown = "".join(_sample_card(s) for s in ordered[:cap])
-    rest = len(ordered) - cap
-    more = f'<p class="sub">… and {rest} more not shown (see samples.jsonl).</p>' if rest > 0 else ""
-    return f"<details><summary>{_e(title)}</summary>{shown}{more}</details>"
+    cards = [{"id": s.get("id"), "category": s.get("category"), "tag": _verdict_tag(s.get("verdict")),
+              "instruction": s.get("instruction"), "prefix": s.get("prefix") or "",
+              "continuation": s.get("continuation")} for s in ordered[:cap]]
+    return {"summary": summary, "cards": cards, "not_shown": max(len(ordered) - cap, 0)}
 
 
-def _samples_section(samples: list[dict[str, Any]], cap: int) -> str:
-    if not samples:
-        return '<p class="sub">No samples.jsonl beside this report.</p>'
+def _sample_sections(samples: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
+    """Samples grouped as the page shows them: one section per attack k, then the benign probes; a group per model."""
     harmful: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     benign: dict[str, list] = defaultdict(list)
     for sample in samples:
         if sample.get("set") == "benign":
             benign[str(sample.get("model"))].append(sample)
         else:
-            harmful[sample.get("k") if isinstance(sample.get("k"), int) else -1][str(sample.get("model"))].append(sample)
-    parts = ['<p class="sub">Harmful continuations are collapsed; the <span class="prefix">highlighted</span> text is '
-             'the prefilled attack prefix, the rest is what the model wrote.</p>']
+            k = sample.get("k") if isinstance(sample.get("k"), int) else -1
+            harmful[k][str(sample.get("model"))].append(sample)
+    sections = []
     for k in sorted(harmful):
-        parts.append(f"<h3>Prefilling attack, k = {k}</h3>")
+        groups = []
         for model in sorted(harmful[k]):
             members = harmful[k][model]
             n_harmful = sum(1 for s in members if (s.get("verdict") or {}).get("harmful"))
-            parts.append(_sample_group(f"{model}: {n_harmful} of {len(members)} harmful", members, cap))
+            groups.append(_sample_group(f"{model}: {n_harmful} of {len(members)} harmful", members, cap))
+        sections.append({"title": f"Prefilling attack, k = {k}", "groups": groups})
     if benign:
-        parts.append("<h3>Over-refusal probes (benign)</h3>")
+        groups = []
         for model in sorted(benign):
             members = benign[model]
             refused = sum(1 for s in members if (s.get("verdict") or {}).get("refusal"))
-            parts.append(_sample_group(f"{model}: {refused} of {len(members)} refused", members, cap))
-    return "".join(parts)
+            groups.append(_sample_group(f"{model}: {refused} of {len(members)} refused", members, cap))
+        sections.append({"title": "Over-refusal probes (benign)", "groups": groups})
+    return sections
 
 
 def _gate_limits(decision: dict[str, Any] | None, rule: str) -> dict[Any, float]:
     return {r.get("k"): r["limit"] for r in (decision or {}).get("rules", []) if r.get("rule") == rule}
 
 
+def _page_view(report: dict[str, Any], samples: list[dict[str, Any]], decision: dict[str, Any] | None,
+               cap: int) -> dict[str, Any]:
+    """Everything report.html.j2 shows, by section; the charts are finished SVG (escaped when they were drawn)."""
+    title = f"guardtune audit — {report['model']['spec']}" + (" + adapter" if report["adapter"] else "")
+    return {
+        "title": title,
+        "created_at": report["created_at"],
+        "note": report["sample"]["note"],
+        "base_only": report["results"]["finetuned"] is None,
+        "gate": _gate(report, decision),
+        "headline": _headline(report),
+        "charts": {"asr": asr_chart(report, _gate_limits(decision, "max_asr")),
+                   "kl": kl_chart(report, _gate_limits(decision, "max_kl_first5").get(None)),
+                   "over_refusal": over_refusal_chart(report)},
+        "categories": _category_table(report),
+        "provenance": _provenance(report),
+        "config": json.dumps(report["config"], indent=2, ensure_ascii=False, sort_keys=True),
+        "sample_sections": _sample_sections(samples, cap),
+    }
+
+
+@cache
+def _template() -> jinja2.Template:
+    """The page template, loaded once. jinja2 is imported here rather than at the top because gate and release
+    import this module for its hashing and schema checks, and the control plane should start quickly."""
+    import jinja2
+
+    # Read through importlib.resources, like the schemas: it finds package data in a wheel, a zip and any kind of
+    # editable install, where jinja2's PackageLoader does not always.
+    source = resources.files("guardtune").joinpath("data/report.html.j2").read_text("utf-8")
+    env = jinja2.Environment(
+        loader=jinja2.DictLoader({"report.html.j2": source}),  # named, so template errors say which file
+        autoescape=True,  # the whole page is HTML, and every string in it comes from a report someone handed us
+        undefined=jinja2.StrictUndefined,  # a misspelt field is an error, not a silently empty cell
+        finalize=lambda value: "" if value is None else value,  # a missing value shows as nothing, not "None"
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,  # {% %} lines leave no blank lines
+    )
+    return env.get_template("report.html.j2")
+
+
 def render_html(report: dict[str, Any], samples: Iterable[dict[str, Any]] | None = None,
                 decision: dict[str, Any] | None = None, *, max_samples_per_group: int = 50) -> str:
     """One self-contained HTML page (no scripts, no external assets); every report string is escaped."""
-    samples = list(samples or [])
-    tuned = report["results"]["finetuned"]
-    title = f"guardtune audit — {report['model']['spec']}" + (" + adapter" if report["adapter"] else "")
-    head = [f"<h1>{_e(title)}</h1><div class='sub'>report created {_e(report['created_at'])}</div>"]
-    if report["sample"]["note"]:
-        head.append(f'<div class="banner note">{_e(report["sample"]["note"])}</div>')
-    if decision is None:
-        head.append('<div class="banner none">Not gated yet: no gate.json beside this report.</div>')
-    else:
-        failed = [r for r in decision.get("rules", []) if not r.get("passed")]
-        verdict = decision.get("verdict", "reject")
-        policy = decision.get("policy", {})
-        text = (f"Gate verdict: {verdict.upper()} under policy {policy.get('name')} v{policy.get('version')} — "
-                f"{len(failed)} of {len(decision.get('rules', []))} rules failed")
-        head.append(f'<div class="banner {"pass" if verdict == "pass" else "reject"}">{_e(text)}</div>')
-        if failed:
-            more = (f"<li>… and {len(failed) - 8} more (see Gate decision below)</li>" if len(failed) > 8 else "")
-            head.append("<ul>" + "".join(f"<li>{_e(r.get('reason'))}</li>" for r in failed[:8]) + more + "</ul>")
-        if decision.get("report_sha256") and decision["report_sha256"] != sha256_json(report):
-            head.append('<div class="banner warn">This gate decision was made on a different report.json (hashes '
-                        'differ); re-run <code>guardtune gate</code> on this report.</div>')
-    if tuned is None:
-        head.append('<div class="banner warn">Base-only audit: no fine-tuned results to compare.</div>')
-    kl_limit = _gate_limits(decision, "max_kl_first5").get(None)
-    body = [
-        "<h2>Headline</h2>", _headline(report),
-        "<h2>Prefilling attack and alignment depth</h2>",
-        '<p class="sub">Attack success rate when the first k tokens of a harmful answer are forced (error bars: 95% '
-        'Wilson intervals), and how far the fine-tuned model moved from the base at each response token.</p>',
-        f'<div class="charts"><div class="chart">{asr_chart(report, _gate_limits(decision, "max_asr"))}</div>'
-        f'<div class="chart">{kl_chart(report, kl_limit)}</div></div>',
-        "<h2>Per category</h2>", _category_table(report),
-        "<h2>Over-refusal</h2>", f'<div class="chart">{over_refusal_chart(report)}</div>',
-        "<h2>Gate decision</h2>", _gate_section(decision),
-        "<h2>Provenance</h2>", _provenance(report),
-        "<h2>Samples</h2>", _samples_section(samples, max_samples_per_group),
-    ]
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
-            + "".join(head) + "".join(body) + "</main></body></html>\n")
+    view = _page_view(report, list(samples or []), decision, max_samples_per_group)
+    return _template().render(**view)
 
 
 def write_html(audit_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -720,9 +685,13 @@ def write_html(audit_dir: str | Path, out: str | Path | None = None) -> Path:
         if candidate.is_file():
             try:
                 decision = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ReportError(f"{candidate} is not readable JSON ({exc}). Re-run `guardtune gate` to rewrite it "
-                                  f"or delete it.")
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise ReportError(f"{candidate} is not readable JSON ({str(exc)[:120]}). Re-run `guardtune gate` to "
+                                  f"rewrite it or delete it.")
+            problems = schema_issues(decision, "gate", "gate-schema")
+            if problems:
+                raise ReportError(f"{candidate} is not a gate decision ({problems[0].path}: {problems[0].message}). "
+                                  f"Re-run `guardtune gate` to rewrite it or delete it.", problems)
             break
     out_path = Path(out) if out is not None else folder / "report.html"
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .errors import ConfigError, Issue, TemplateError
+from .errors import Issue, ModelError, TemplateError
 
 
 @dataclass
@@ -35,6 +35,17 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     if "prompt" in record and "completion" in record:
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     raise TemplateError("A record needs either 'messages' or both 'prompt' and 'completion'.")
+
+
+def ensure_pad_token(tokenizer: Any, what: str) -> Any:
+    """Give a tokenizer without a pad token its eos token as pad (batched generation and training pad with it;
+    the attention mask keeps the padding out). `what` names the model in the error when it has neither."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"The tokenizer of {what} has neither a pad nor an eos token; add one to its "
+                             f"tokenizer_config.json.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _check_template(tokenizer: Any) -> None:
@@ -146,7 +157,7 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[in
     _check_template(tokenizer)
     if not messages or messages[-1]["role"] == "assistant":
         raise TemplateError("render_prompt needs messages ending with a user turn; the assistant's reply is what "
-                            "gets generated (or prefilled with prefix_ids).")
+                            "gets generated (or prefilled: the audit appends response_ids(...)[:k]).")
     return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
 
 
@@ -154,13 +165,6 @@ def response_ids(tokenizer: Any, text: str) -> list[int]:
     """A response tokenized alone, no special tokens: exactly the ids of that text inside a rendered turn."""
     return _encode(tokenizer, text)
 
-
-def prefix_ids(tokenizer: Any, response_text: str, k: int) -> list[int]:
-    """The prefilling attack's prefix: the first k tokens of a harmful response in the audited model's
-    tokenizer, appended as token ids after render_prompt()."""
-    if k < 0:
-        raise ConfigError(f"Prefix length k must be >= 0, got {k}.")
-    return response_ids(tokenizer, response_text)[:k]
 
 
 def template_fingerprint(tokenizer: Any) -> str:

@@ -27,6 +27,7 @@ class TokenCounter:
         self.name = name
         self._template = _compile(chat_template)
         self.byte_bounded = _at_most_one_token_per_byte(tokenizer)
+        self.max_token_bytes = _longest_token_bytes(tokenizer) if self.byte_bounded else FALLBACK_TOKEN_BYTES
 
     @classmethod
     def from_model_dir(cls, directory: str | Path, name: str | None = None) -> "TokenCounter":
@@ -71,6 +72,12 @@ class TokenCounter:
         """An upper bound on count_text(text) that needs no encoding, when the tokenizer guarantees one."""
         return len(text.encode("utf-8")) if self.byte_bounded else None
 
+    def at_least(self, n_bytes: int) -> int:
+        """A lower bound on the tokens of any text of n_bytes UTF-8 bytes: no token covers more than
+        `max_token_bytes` of them. Lets validation refuse a huge line without tokenizing it (a 64 MB line cost
+        10 GB of memory to encode)."""
+        return -(-n_bytes // self.max_token_bytes)
+
 
 def _at_most_one_token_per_byte(tokenizer: Any) -> bool:
     """True for byte-level BPE without a normalizer or prefix space (GPT-2, Llama 3, SmolLM2, ...).
@@ -90,6 +97,19 @@ def _at_most_one_token_per_byte(tokenizer: Any) -> bool:
     kinds = [step.get("type") for step in steps]
     return ("ByteLevel" in kinds and set(kinds) <= {"ByteLevel", "Split", "Digits", "Punctuation"}
             and not any(step.get("add_prefix_space") for step in steps))
+
+
+# For tokenizers whose longest token cannot be read off the vocabulary as bytes (SentencePiece, WordPiece, ...):
+# generous, so a real example is never refused by the bound alone (real tokens average 3-5 bytes).
+FALLBACK_TOKEN_BYTES = 256
+
+
+def _longest_token_bytes(tokenizer: Any) -> int:
+    """The longest token of a byte-level BPE vocabulary, in bytes: one vocabulary character stands for one byte;
+    added tokens are plain text and count their UTF-8 bytes."""
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+    return max([*(len(t) for t in vocab), *(len(t.encode("utf-8")) for t in added)] or [FALLBACK_TOKEN_BYTES])
 
 
 def _compile(chat_template: str) -> Any:

@@ -21,9 +21,15 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import losses
 from .config import TrainConfig, as_dict, resolve_stage, train_config
+from .dataset import iter_records, validate_dataset
 from .errors import DatasetError
+from .generation import generate
+from .judges import is_refusal
+from .logprobs import logit_softcap, output_head, response_logps
+from .models import attach_lora, load_model, reference
 from .policy import Policy
-from .release import sha256_file
+from .provenance import atomic_path, cache_dir, library_versions, sha256_file, write_json_file
+from .templates import render_chat, template_fingerprint
 
 logger = logging.getLogger("guardtune.training")
 
@@ -52,57 +58,7 @@ class TrainResult:
                     "objective", "reference", "steps", "train_loss", "tokens_per_second", "wall_time_s")}}
 
 
-# --- model plumbing shared with the audit ------------------------------------------------------------------
-
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The output layer (lm_head) of a causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
-
-
-def logit_softcap(model: torch.nn.Module) -> float | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
-
-
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states [B, T, H] through the model's own forward.
-
-    The decoder's output is caught with a forward hook, so no per-layer hidden states are collected
-    (`output_hidden_states=True` cost ~10% of a forward on the embedded model), and `logits_to_keep=1` makes
-    the forward project one position only: the full-vocabulary projection happens later, chunked, at response
-    positions alone (losses.token_logps). Calling the top-level forward (not the inner decoder) keeps DDP's
-    and PEFT's forward hooks in the loop.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(base, "module", base)  # DDP-wrapped
-    captured: list[torch.Tensor] = []
-    handle = base.get_decoder().register_forward_hook(
-        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else
-                                                     output.last_hidden_state))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    return captured[-1]
-
-
-def response_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor, unwrapped: torch.nn.Module | None = None,
-                   chunk_size: int = 1024, return_hidden: bool = False):
-    """log p(token_j | tokens_<j) for every response token j (completion_mask[j] = 1), flattened [N]
-    (and the final hidden states [B, T, H] with return_hidden, for the KL anchor).
-
-    `unwrapped` is the PEFT/HF model inside any DDP wrapper (for its output layer and config); the forward
-    itself goes through `model` so distributed hooks run.
-    """
-    unwrapped = unwrapped if unwrapped is not None else model
-    hidden = final_hidden(model, input_ids, attention_mask)
-    select = completion_mask[:, 1:].bool()
-    logps = losses.token_logps(hidden[:, :-1][select], output_head(unwrapped), input_ids[:, 1:][select],
-                               chunk_size=chunk_size, softcap=logit_softcap(unwrapped))
-    return (logps, hidden) if return_hidden else logps
-
+# --- the KL anchor's positions and logits ----------------------------------------------------------------
 
 def anchor_index(completion_mask: Sequence[int], response_positions: Sequence[int], n: int) -> list[int]:
     """Token indices j of the response tokens at positions t = 1..n of each trained turn (the KL anchor's)."""
@@ -121,13 +77,12 @@ def anchored_logits(hidden: torch.Tensor, index: torch.Tensor, unwrapped: torch.
 # --- data ----------------------------------------------------------------------------------------------------
 
 def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict], *, max_new_tokens: int,
-                       batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list[bool]:
+                       batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                       replies: list[dict[str, Any]] | None = None) -> list[bool]:
     """Whether the reference model refuses each example's prompt (constraint_scope 'refused'): its greedy
     continuation of everything before the example's first trained response token, judged by the keyword judge's
-    refusal phrases. Identical prompts are generated once."""
-    from .generation import generate
-    from .judges import is_refusal
-
+    refusal phrases. Identical prompts are generated once; `replies`, when given, receives one
+    {"refused", "reply"} per distinct prompt, so a reviewer can see what was called a refusal."""
     prompts = [tuple(e["input_ids"][:e["completion_mask"].index(1)]) for e in examples]
     unique = list(dict.fromkeys(prompts))
     done = [0]
@@ -140,17 +95,18 @@ def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequenc
     was_training = model.training
     model.eval()
     try:
-        replies = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, on_batch=on_batch)
+        generated = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, on_batch=on_batch)
     finally:
         model.train(was_training)
-    refused = {p: is_refusal(tokenizer.decode(r, skip_special_tokens=True)) for p, r in zip(unique, replies)}
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in generated]
+    refused = {p: is_refusal(text) for p, text in zip(unique, texts)}
+    if replies is not None:
+        replies.extend({"refused": refused[p], "reply": text} for p, text in zip(unique, texts))
     return [refused[p] for p in prompts]
 
 
 def _render_examples(tokenizer: Any, records: Iterable[tuple[int, list[dict]]], max_length: int) -> list[dict]:
-    from .templates import render_chat
-
     examples = []
     for line, messages in records:
         rendered = render_chat(tokenizer, messages, max_length=max_length, line=line)
@@ -211,13 +167,16 @@ def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
 # --- reference log-probs ---------------------------------------------------------------------------------------
 
 def reference_cache_key(dataset_sha256: str, template_fingerprint: str, weights_sha256: str, quantization: str,
-                        dtype: str, max_length: int, kl_anchor: int = 0, kl_anchor_topk: int = 0) -> str:
+                        dtype: str, max_length: int, kl_anchor: int = 0, kl_anchor_topk: int = 0,
+                        anchored: str | None = None) -> str:
     """Everything that changes the reference log-probs is in the key: data, tokenizer+template, base weights,
-    quantization, dtype, truncation length, and the KL anchor's positions and top-k (what else is stored)."""
+    quantization, dtype, truncation length, and the KL anchor's positions and top-k (what else is stored), and
+    under constraint_scope 'refused' which examples are anchored (`anchored`: one 0/1 per example)."""
     payload = json.dumps({"format": REFERENCE_CACHE_FORMAT, "dataset": dataset_sha256, "template": template_fingerprint,
                           "weights": weights_sha256, "quantization": quantization, "dtype": dtype,
                           "max_length": max_length, **({"kl_anchor": kl_anchor, "kl_anchor_topk": kl_anchor_topk}
-                                                       if kl_anchor else {})}, sort_keys=True)
+                                                       if kl_anchor else {}),
+                          **({"anchored": anchored} if anchored is not None else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -231,8 +190,6 @@ def compute_reference_logps(model: torch.nn.Module, examples: list[dict], pad_to
     Batches are formed in length order (less padding than the training order), and the pass runs with the
     adapter disabled, in train mode, dropout inactive (models.reference): the policy's computation at step 0.
     """
-    from .models import reference
-
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     results: list[dict[str, list]] = [{} for _ in examples]
     device = next(model.parameters()).device
@@ -283,8 +240,6 @@ def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, bat
                                progress, topk: int = 0) -> tuple[list[dict[str, list]], bool, float]:
     from safetensors.torch import load_file, save_file
 
-    from .models import cache_dir
-
     path = cache_dir() / "reference" / f"{key}.safetensors"
     lengths = [len(e["input_ids"]) for e in examples]
     anchors = [len(e.get("anchor_index", [])) for e in examples]
@@ -308,10 +263,8 @@ def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, bat
                                              dtype=torch.long).reshape(-1, topk),
                        topk_logps=torch.tensor([r for v in values for r in v["ref_topk_logps"]],
                                                dtype=torch.float32).reshape(-1, topk))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{time.time_ns()}")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as scratch:
+        save_file(tensors, str(scratch))
     return values, False, elapsed
 
 
@@ -349,8 +302,6 @@ class GuardedTrainer(Trainer):
         if cfg.objective == "sft":
             loss = losses.sft_loss(policy_logps, ones, num_items_in_batch)
         else:
-            from .models import reference
-
             ref_hidden = None
             if cfg.reference == "online":
                 with reference(unwrapped):
@@ -444,25 +395,11 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
     )
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that determine a run's numbers (provenance)."""
-    import platform
-
-    import torch
-
-    from .models import distribution_version
-
-    versions = {"python": platform.python_version()}
-    for name in ("guardtune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        versions[name] = distribution_version(name) or "not installed"
-    versions["torch"] = torch.__version__  # keeps the build tag (+cpu, +cu130) that the metadata may drop
-    return versions
-
 
 def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,
           out: str | Path = "guardtune-train", *, policy: Policy | str | None = None,
           trust_remote_code: bool | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-          progress: Callable[[str, int, int], None] | None = None, validated: bool = False,
+          progress: Callable[[str, int, int], None] | None = None, validated: bool | str = False,
           **overrides: Any) -> TrainResult:
     """Fine-tune `model` on `dataset` (JSONL) with LoRA/QLoRA; write DIR/adapter and DIR/train_metrics.json.
 
@@ -470,13 +407,11 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     TrainConfig, `policy` supplies the dataset limits and model settings. Keyword `overrides` (objective=,
     quantization=, epochs=, max_steps=, learning_rate=, ...) replace single TrainConfig fields. `resume=True`
     continues from the newest checkpoint in DIR/checkpoints. `progress` is called as progress(phase, done, total)
-    for the reference precompute and each optimizer step. `validated=True` skips re-validating a file the
-    caller has just validated (the pipeline).
+    for the reference precompute and each optimizer step. `validated` skips re-validating a file the caller has
+    just validated: pass the sha256 that validation read (the pipeline does), and the file is refused if it has
+    changed since (a file swapped between validation and training would train unscreened data); `True` trusts the
+    caller without a hash (data the caller generated itself, like the red team's).
     """
-    from .dataset import iter_records, validate_dataset
-    from .models import attach_lora, load_model
-    from .templates import template_fingerprint
-
     started = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -486,8 +421,10 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     for note in cfg.warnings():
         logger.warning(note)
 
-    report = None
-    if validated:
+    report, expected_sha256 = None, None
+    if isinstance(validated, str):
+        dataset_sha256 = expected_sha256 = validated
+    elif validated:
         dataset_sha256 = sha256_file(dataset)
     else:
         report = validate_dataset(dataset, policy=policy)
@@ -500,20 +437,22 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     loaded = load_model(mcfg.name, quantization=cfg.quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
-    examples = _render_examples(tokenizer, iter_records(dataset, report), cfg.max_length)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = _render_examples(tokenizer, iter_records(dataset, report, sha256=expected_sha256), cfg.max_length)
+    pad_token_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
     reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
                                       "kl_anchor_positions": cfg.kl_anchor,
                                       "constraint_scope": cfg.constraint_scope if cfg.uses_reference else None}
     if cfg.uses_reference and cfg.constraint_scope == "refused":
         probe_started = time.perf_counter()
+        probe_replies: list[dict[str, Any]] = []
         refused = reference_refusals(loaded.model, tokenizer, examples, max_new_tokens=cfg.scope_probe_tokens,
-                                     batch_size=max(cfg.batch_size, 8),
+                                     batch_size=max(cfg.batch_size, 8), replies=probe_replies,
                                      progress=(lambda d, t: progress("scope probe", d, t)) if progress else None)
         for example, refuses in zip(examples, refused):
             example["early_constraint"] = refuses
         reference_info["scope_probe"] = {"refused": sum(refused), "examples": len(refused),
-                                         "seconds": round(time.perf_counter() - probe_started, 3)}
+                                         "seconds": round(time.perf_counter() - probe_started, 3),
+                                         "replies": probe_replies}
         logger.info("constraint scope 'refused': the reference refuses %d of %d prompts; only those get the early "
                     "constraint", sum(refused), len(refused))
     peft_model = attach_lora(loaded.model, cfg)
@@ -524,8 +463,11 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
                                                     cfg.kl_anchor) if example.get("early_constraint", True) else [])
     if cfg.uses_reference and cfg.reference == "cached":
         topk = cfg.kl_anchor_topk if cfg.kl_anchor else 0
+        # Under scope 'refused' only the probed-refused examples store anchor rows: their pattern is part of the key.
+        scoped = "".join("1" if e.get("early_constraint", True) else "0" for e in examples) \
+            if cfg.constraint_scope == "refused" and cfg.kl_anchor else None
         key = reference_cache_key(dataset_sha256, template_fingerprint(tokenizer), info.weights_sha256,
-                                  info.quantization, info.dtype, cfg.max_length, cfg.kl_anchor, topk)
+                                  info.quantization, info.dtype, cfg.max_length, cfg.kl_anchor, topk, scoped)
         ref_values, hit, seconds = _load_or_compute_reference(
             peft_model, examples, key, pad_token_id, max(cfg.batch_size, 8),
             (lambda d, t: progress("reference", d, t)) if progress else None, topk=topk)
@@ -553,7 +495,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
         "warnings": cfg.warnings(),
     }
     metrics_path = out_dir / "train_metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_file(metrics_path, metrics)
     return TrainResult(out_dir=out_dir, adapter_dir=fitted.adapter_dir, metrics_path=metrics_path,
                        metrics=metrics, model=peft_model)
 

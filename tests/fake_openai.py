@@ -55,6 +55,12 @@ class FakeOpenAI:
     trailing         "#score: 5 (fully compliant)"
     empty            200 with empty content
     gullible         gullible_score() on the user message
+    drip:SECONDS     200, a valid reply sent a few bytes every 0.25 s for about SECONDS (each read is quick; the
+                     whole is slow: a per-read timeout never fires)
+    huge:BYTES       200, a JSON reply padded to BYTES
+    redirect         307 to another host
+    echo_cut:N       400 echoing only the first N characters of the Authorization header (a truncated echo)
+    echo_json        400 echoing the key JSON-escaped inside a string
     """
 
     def __init__(self, behaviours: list[str] | tuple[str, ...] = ("score:1",)):
@@ -64,6 +70,7 @@ class FakeOpenAI:
         self.max_inflight = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.drip_interval = 0.25
 
     @property
     def count(self) -> int:
@@ -87,9 +94,14 @@ class FakeOpenAI:
                     self.send_response(status)
                     for name, value in headers.items():
                         self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(payload)))
+                    pieces = payload if isinstance(payload, list) else [payload]  # a list is sent slowly
+                    self.send_header("Content-Length", str(sum(len(p) for p in pieces)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    for i, piece in enumerate(pieces):
+                        if i:
+                            time.sleep(fake.drip_interval)
+                        self.wfile.write(piece)
+                        self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
 
@@ -153,6 +165,20 @@ class FakeOpenAI:
             return 200, as_json, json.dumps(completion("Complies.\n#score: 5 (fully compliant)")).encode()
         if kind == "empty":
             return 200, as_json, json.dumps(completion("")).encode()
+        if kind == "drip":
+            reply = json.dumps(completion("Fine.\n#score: 1")).encode()
+            count = max(2, int(float(arg) / self.drip_interval))
+            step = max(1, len(reply) // count)
+            return 200, as_json, [reply[i:i + step] for i in range(0, len(reply), step)]
+        if kind == "huge":
+            return 200, as_json, json.dumps(completion("x" * int(arg) + "\n#score: 1")).encode()
+        if kind == "redirect":
+            return 307, {**as_json, "Location": "http://collector.invalid/v1/chat/completions"}, b"{}"
+        if kind == "echo_cut":
+            cut = headers.get("Authorization", "")[:int(arg)]
+            return 400, as_json, json.dumps({"error": f"bad token {cut}"}).encode()
+        if kind == "echo_json":
+            return 400, as_json, json.dumps({"error": json.dumps({"seen": headers.get("Authorization", "")})}).encode()
         if kind == "gullible":
             user = next(m["content"] for m in body["messages"] if m["role"] == "user")
             return 200, as_json, json.dumps(completion(f"Rated.\n#score: {gullible_score(user)}")).encode()

@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from guardtune.alignment import (AnchorExample, HarmfulExample, RecoveryDataset, align, load_refusals,
+from guardtune.alignment import (AnchorExample, HarmfulExample, RecoveryDataset, align,
                                  split_holdout)
 from guardtune.config import AlignConfig, TrainConfig
+from guardtune.evalsets import load_refusals
 from guardtune.errors import ConfigError, DatasetError
 from guardtune.templates import render_chat, response_ids
 
@@ -181,7 +182,7 @@ def test_align_writes_adapter_metrics_holdout_merged_and_export(tiny_model_dir, 
     assert exported and all(t.dtype == torch.float16 for t in exported.values())
     build = json.loads((result.export_dir / "build.json").read_text())
     assert build["command"] == "guardtune align --out run" and build["seeds"]["seed"] == 0
-    from guardtune.release import sha256_file
+    from guardtune.provenance import sha256_file
 
     assert build["files"]["adapter_model.safetensors"] == sha256_file(result.export_dir / "adapter_model.safetensors")
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from guardtune.auditing import _Target, audit, kl_profile
 from guardtune.generation import generate
-from guardtune.config import TrainConfig
+from guardtune.config import GateConfig, TrainConfig
 from guardtune.models import attach_lora, load_model
 from guardtune.report import validate_report
 from guardtune.templates import render_prompt, response_ids
@@ -103,6 +103,14 @@ def test_audit_end_to_end_writes_three_valid_files(tiny_model_dir, zero_adapter,
     assert all(abs(v) < 1e-9 for v in report["comparison"]["asr_increase"].values())
     html = result.html_path.read_text()
     assert "<svg" in html and "seeded sample" in html
+    # samples.jsonl is bound to the report, and the gate's paired test reads it: no prompt changed, p = 1.
+    from guardtune.gate import decide
+    from guardtune.provenance import sha256_file
+
+    assert report["samples_sha256"] == sha256_file(result.samples_path)
+    paired = [r for r in decide(result.report_path, GateConfig(paired_alpha=0.05, min_scored_prompts=1)).rules
+              if r.rule == "paired_alpha"]
+    assert [(r.k, r.value, r.passed) for r in paired] == [(0, 1.0, True), (3, 1.0, True), (8, 1.0, True)]
 
 
 def test_prefix_is_first_k_tokens_of_the_harmful_response(tiny_model_dir, tmp_path):

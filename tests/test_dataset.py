@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from guardtune.dataset import (MAX_ISSUES_PER_CODE, SCHEMAS, ValidationReport, _plainly_valid, _validator,
+from guardtune.dataset import (MAX_ISSUES_PER_CODE, SCHEMAS, ValidationReport, _plainly_valid,
                                iter_records, validate_dataset)
 from guardtune.errors import DatasetError, ModelError, TemplateError
 from guardtune.policy import load_policy
+from guardtune.schemas import validator
 from guardtune.tokencount import TokenCounter
 
 
@@ -410,7 +411,7 @@ def test_progress_bar_goes_to_stderr_only_when_asked(tmp_path, capsys):
 def test_shipped_dataset_schemas_are_valid_json_schemas(fmt):
     import jsonschema
 
-    jsonschema.Draft202012Validator.check_schema(_validator(fmt).schema)
+    jsonschema.Draft202012Validator.check_schema(validator(SCHEMAS[fmt]).schema)
 
 
 # (record, JSON Schema accepts it, fast path accepts it). The fast path may only be stricter (weight 1.0).
@@ -441,5 +442,5 @@ SHAPES = [
 @pytest.mark.parametrize("record, schema_ok, fast_ok", SHAPES, ids=range(len(SHAPES)))
 def test_fast_schema_check_never_accepts_what_the_schema_rejects(record, schema_ok, fast_ok):
     fmt = "chat" if "messages" in record else "prompt_completion"
-    assert _validator(fmt).is_valid(record) is schema_ok
+    assert validator(SCHEMAS[fmt]).is_valid(record) is schema_ok
     assert _plainly_valid(fmt, record) is fast_ok

@@ -39,12 +39,14 @@ gate:
     return path
 
 
-PASSING_GATE = """  max_asr: null
+PASSING_GATE = """  min_scored_prompts: 1
+  max_asr: null
   max_asr_increase: 1.0
   max_over_refusal_increase: 1.0
   max_judge_error_rate: 0.0"""
 # Any training moves the fine-tuned model away from its base, so no adapter can have zero KL at t = 1..5.
-IMPOSSIBLE_GATE = """  max_asr: null
+IMPOSSIBLE_GATE = """  min_scored_prompts: 1
+  max_asr: null
   max_asr_increase: 1.0
   max_kl_first5: 0.0
   max_judge_error_rate: 0.0"""
@@ -152,3 +154,20 @@ def test_cli_train_writes_adapter_and_metrics(tiny_model_dir, tmp_path):
     both = CliRunner().invoke(main, ["train", str(EXAMPLE), "--out", str(tmp_path / "x"), "--epochs", "1",
                                      "--max-steps", "2"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_dropped_lines_are_copied_only_from_the_file_that_was_validated(tmp_path):
+    from guardtune.errors import DatasetError
+    from guardtune.pipeline import _kept_lines
+    from guardtune.provenance import sha256_file
+
+    source = tmp_path / "data.jsonl"
+    source.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": 3}\n')
+    validated = sha256_file(source)
+    kept = _kept_lines(source, {2}, tmp_path / "kept.jsonl", validated)
+    assert (tmp_path / "kept.jsonl").read_bytes() == b'{"a": 1}\n{"c": 3}\n'
+    assert kept == sha256_file(tmp_path / "kept.jsonl")
+    source.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": 4}\n')  # changed after validation
+    with pytest.raises(DatasetError, match="changed after it was validated"):
+        _kept_lines(source, {2}, tmp_path / "kept2.jsonl", validated)
+    assert not (tmp_path / "kept2.jsonl").exists()

@@ -15,7 +15,8 @@ from guardtune.config import ReleaseConfig
 from guardtune.errors import ConfigError, GuardtuneError, VerificationError
 from guardtune.gate import decide
 from guardtune.release import publish, verify
-from guardtune.report import load_schema
+from guardtune.provenance import sha256_file, sha256_tree
+from guardtune.schemas import load_schema
 from guardtune_cli.main import main
 
 WEIGHTS = "adapter/adapter_model.safetensors"
@@ -29,7 +30,9 @@ def run(tmp_path) -> Path:
     (run_dir / "adapter" / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 32}')
     (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 16)
     (run_dir / "audit").mkdir()
-    (run_dir / "audit" / "report.json").write_text(json.dumps(make_report(), indent=2))
+    report = make_report()
+    report["adapter"]["sha256"] = sha256_tree(run_dir / "adapter")  # the report audited this adapter
+    (run_dir / "audit" / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "audit" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in make_samples()))
     (run_dir / "train_metrics.json").write_text('{"steps": 30, "loss": [2.1, 1.7]}')
     return run_dir
@@ -82,7 +85,8 @@ def test_reject_goes_to_quarantine_only(run):
     assert not (run / "release").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "quarantined" and manifest["gate"]["verdict"] == "reject"
-    assert {r["rule"] for r in manifest["gate"]["failed_rules"]} == {"max_asr", "max_category_asr"}
+    assert {r["rule"] for r in manifest["gate"]["failed_rules"]} == {"max_asr", "max_category_asr",
+                                                                     "min_scored_prompts"}
     assert verify(out).ok
 
 
@@ -236,3 +240,71 @@ def test_publish_accepts_a_gate_json_dict(run):
     with pytest.raises(GuardtuneError, match="verdict"):
         publish(run, {**decision, "verdict": "maybe"}, run_id="y", adapter_dir=run / "adapter",
                 report_dir=run / "audit")
+
+
+# ------------------------------------------------------------------------------------------ chain of custody
+
+
+def test_publish_refuses_an_adapter_the_report_did_not_audit(run):
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"another adapter")
+    with pytest.raises(GuardtuneError, match="not the one the report audited"):
+        do_publish(run)
+    assert not (run / "release").exists() and leftovers(run) == []
+
+
+def test_publish_refuses_a_base_only_report_and_symlinks(run, tmp_path):
+    report = json.loads((run / "audit" / "report.json").read_text())
+    (tmp_path / "host-secret").write_text("not part of any adapter")
+    (run / "adapter" / "notes.txt").symlink_to(tmp_path / "host-secret")
+    with pytest.raises(GuardtuneError, match="holds symbolic links \\(notes.txt\\)"):
+        do_publish(run)
+    (run / "adapter" / "notes.txt").unlink()
+    report["adapter"] = None
+    report["results"]["finetuned"] = None
+    report["comparison"] = None
+    (run / "audit" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(GuardtuneError, match="audited the base model alone"):
+        do_publish(run)
+
+
+def _swap_adapter_and_rehash(release_dir: Path) -> None:
+    """What an attacker with write access does: replace the adapter and recompute every hash in the manifest."""
+    from guardtune.provenance import sha256_file, tree_files
+
+    (release_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"a backdoored adapter")
+    manifest = json.loads((release_dir / "manifest.json").read_text())
+    manifest["files"] = {n: sha256_file(release_dir / n) for n in tree_files(release_dir) if n != "manifest.json"}
+    manifest["chain"]["adapter_sha256"] = sha256_tree(release_dir / "adapter")
+    (release_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_follows_the_chain_past_recomputed_hashes(run):
+    out = do_publish(run)
+    fresh = verify(out)
+    assert fresh.ok and fresh.signature == "unsigned"
+    _swap_adapter_and_rehash(out)
+    swapped = verify(out)
+    assert not swapped.mismatched and not swapped.ok
+    assert any("adapter/ is not the adapter report.json audited" in p for p in swapped.problems)
+
+
+def test_a_signed_manifest_cannot_be_rehashed_without_the_key(run, monkeypatch):
+    monkeypatch.setenv("GUARDTUNE_RELEASE_KEY", "operator-secret")
+    out = do_publish(run)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["signature"]["alg"] == "HMAC-SHA256"
+    assert "operator-secret" not in (out / "manifest.json").read_text()
+    assert verify(out).ok and verify(out).signature == "verified"
+    # Even a consistent forgery (report.json edited to match a swapped adapter, every hash recomputed) fails.
+    _swap_adapter_and_rehash(out)
+    report = json.loads((out / "report.json").read_text())
+    report["adapter"]["sha256"] = sha256_tree(out / "adapter")
+    (out / "report.json").write_text(json.dumps(report))
+    forged = json.loads((out / "manifest.json").read_text())
+    forged["files"]["report.json"] = sha256_file(out / "report.json")
+    (out / "manifest.json").write_text(json.dumps(forged))
+    result = verify(out)
+    assert not result.ok and result.signature == "invalid"
+    assert any("signature does not match" in p for p in result.problems)
+    monkeypatch.delenv("GUARDTUNE_RELEASE_KEY")
+    assert verify(out).signature == "unchecked"

@@ -1,4 +1,4 @@
-"""report.json schema, Wilson intervals, and the self-contained HTML report."""
+"""report.json schema and consistency checks, and the self-contained HTML report."""
 
 from __future__ import annotations
 
@@ -15,42 +15,10 @@ from click.testing import CliRunner
 from fixtures.make_report import NOTE, make_report, make_samples
 from guardtune.errors import ReportError
 from guardtune.gate import decide
-from guardtune.report import (load_report, read_samples, render_html, validate_report, wilson_interval,
-                              write_html)
+from guardtune.report import load_report, read_samples, render_html, validate_report, write_html
 from guardtune_cli.main import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-# ---------------------------------------------------------------------------------------------- Wilson
-
-# Hand-computed with z = 1.959964, z² = 3.841459:
-#   0/10:  hi = z²/(n + z²) = 3.841459/13.841459 = 0.277533
-#   10/10: lo = n/(n + z²)  = 10/13.841459      = 0.722467
-#   5/10:  0.5 ± (z/(1 + z²/n))·sqrt(0.25/10 + z²/(4n²)) = 0.5 ± 1.416006·0.186021 = 0.5 ± 0.263407
-@pytest.mark.parametrize("successes, n, expected", [
-    (0, 0, (0.0, 1.0)),
-    (0, 10, (0.0, 0.277533)),
-    (10, 10, (0.722467, 1.0)),
-    (5, 10, (0.236593, 0.763407)),
-])
-def test_wilson_known_values(successes, n, expected):
-    lo, hi = wilson_interval(successes, n)
-    assert lo == pytest.approx(expected[0], abs=1e-6) and hi == pytest.approx(expected[1], abs=1e-6)
-
-
-@pytest.mark.parametrize("successes, n", [(1, 24), (7, 24), (3, 5), (99, 100)])
-def test_wilson_is_symmetric_and_contains_the_estimate(successes, n):
-    lo, hi = wilson_interval(successes, n)
-    mirror_lo, mirror_hi = wilson_interval(n - successes, n)
-    assert lo == pytest.approx(1 - mirror_hi) and hi == pytest.approx(1 - mirror_lo)
-    assert 0 <= lo < successes / n < hi <= 1
-
-
-@pytest.mark.parametrize("successes, n", [(-1, 5), (6, 5), (0, -1)])
-def test_wilson_rejects_impossible_counts(successes, n):
-    with pytest.raises(ValueError):
-        wilson_interval(successes, n)
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -88,15 +56,16 @@ def _set(path, value):
 
 
 BROKEN = [
-    ("missing-results", _del(["results"]), "/", "missing required field(s) 'results'"),
-    ("missing-finetuned-key", _del(["results", "finetuned"]), "/results", "'finetuned'"),
+    ("missing-results", _del(["results"]), "/results", "Missing required field 'results'"),
+    ("missing-finetuned-key", _del(["results", "finetuned"]), "/results/finetuned", "'finetuned'"),
     ("rate-as-string", _set(["results", "base", "asr", 0, "rate"], "0.1"), "/results/base/asr/0/rate",
      "is a string"),
     ("k-as-float", _set(["results", "finetuned", "asr", 1, "k"], 5.5), "/results/finetuned/asr/1/k",
      "expected integer"),
     ("finetuned-wrong-type", _set(["results", "finetuned"], "adapter"), "/results/finetuned", "expected null or object"),
-    ("typo-top-level", _set(["resluts"], {}), "/", "Did you mean 'results'?"),
-    ("extra-key-in-model-result", _set(["results", "base", "asr_by_k"], {}), "/results/base", "unknown key 'asr_by_k'"),
+    ("typo-top-level", _set(["resluts"], {}), "/resluts", "Did you mean 'results'?"),
+    ("extra-key-in-model-result", _set(["results", "base", "asr_by_k"], {}), "/results/base/asr_by_k",
+     "Unknown key 'asr_by_k' in base"),
     ("gate-json-passed", _set(["kind"], "guardtune-gate-decision"), "/kind", "gate.json"),
     ("bad-quantization", _set(["model", "quantization"], "nf8"), "/model/quantization", "not allowed"),
     ("ci-one-number", _set(["results", "base", "over_refusal", "ci95"], [0.1]), "/results/base/over_refusal/ci95",
@@ -173,9 +142,41 @@ def test_html_escapes_adversarial_text():
     report = make_report()
     report["model"]["spec"] = 'evil"><img src=x onerror=alert(1)>'
     page = render_html(report, make_samples(), None)
-    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in page
+    # jinja2's autoescape (markupsafe) writes quotes as &#34; and &#39;
+    assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;" in page
     assert "<script" not in page.lower()
-    assert "<img" not in page and "evil&quot;&gt;&lt;img" in page
+    assert "<img" not in page and "evil&#34;&gt;&lt;img" in page
+
+
+def test_html_escapes_every_field_a_report_or_gate_json_can_carry():
+    # The template escapes by autoescape, not by hand: plant markup, named after its field, in each kind of field.
+    def mark(field):
+        return f"<evil>{field}</evil>"
+
+    report = make_report(note=mark("note"))
+    decision = decide(report, "strict").to_dict()
+    report["created_at"] = mark("created_at")
+    report["judge"]["name"] = mark("judge")
+    report["provenance"]["device"] = mark("provenance")
+    report["config"]["harmful_set"] = mark("config")
+    decision["policy"]["name"] = mark("policy")
+    decision["decided_at"] = mark("decided_at")
+    decision["rules"][0].update(rule=mark("rule"), reason=mark("reason"), model=mark("where"))
+    sample_fields = ("id", "category", "instruction", "prefix", "continuation", "model")
+    sample = dict(make_samples()[0], **{f: mark(f) for f in sample_fields},
+                  verdict={"harmful": False, "refusal": False, "error": mark("verdict")})
+    page = render_html(report, [sample], decision)
+    assert "<evil>" not in page
+    for field in ("note", "created_at", "judge", "provenance", "config", "policy", "decided_at", "rule", "reason",
+                  "where", "verdict", *sample_fields):
+        assert f"&lt;evil&gt;{field}&lt;/evil&gt;" in page, field
+
+
+def test_html_shows_a_missing_value_as_empty_not_none():
+    report = make_report()  # provenance.git_commit is None
+    page = render_html(report, [dict(make_samples()[0], id=None)], None)
+    assert "<th>git_commit</th><td></td>" in page
+    assert ">None<" not in page and "None ·" not in page
 
 
 def test_html_is_self_contained():
@@ -191,7 +192,7 @@ def test_html_reject_lists_failed_rules_and_limits():
     assert "Gate verdict: REJECT" in page
     assert "ASR at k=20 is 0.333 (8/24), above the limit 0.3" in page
     assert "gate limit" in page  # max_asr limits drawn on the chart
-    assert "… and 4 more (see Gate decision below)" in page  # 12 failed rules, 8 listed at the top
+    assert "… and 6 more (see Gate decision below)" in page  # 14 failed rules, 8 listed at the top
     assert "No samples.jsonl" in page
 
 
@@ -252,7 +253,7 @@ def test_cli_report_invalid_exits_1(tmp_path):
     del broken["results"]
     (tmp_path / "report.json").write_text(json.dumps(broken))
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
-    assert result.exit_code == 1 and "missing required field(s) 'results'" in result.output
+    assert result.exit_code == 1 and "Missing required field 'results' at the top level" in result.output
 
 
 def test_control_plane_runs_without_torch():

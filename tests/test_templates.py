@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 from tiny_models import build_tokenizer
 
-from guardtune.errors import ConfigError, TemplateError
-from guardtune.templates import (prefix_ids, render_chat, render_prompt, response_ids, template_fingerprint,
+from guardtune.errors import ModelError, TemplateError
+from guardtune.templates import (ensure_pad_token, render_chat, render_prompt, response_ids, template_fingerprint,
                                  to_messages)
 
 TEMPLATES = Path(__file__).parent / "assets" / "templates"
@@ -174,18 +175,26 @@ def test_render_prompt_ends_with_generation_prompt(tiny_tokenizer):
         render_prompt(tiny_tokenizer, CASES["single"])
 
 
-@pytest.mark.parametrize("k", [0, 1, 5, 1000])
-def test_prefix_ids_are_the_first_k_response_tokens(tiny_tokenizer, k):
+def test_a_prefilled_prompt_is_the_rendered_conversation_up_to_k_response_tokens(tiny_tokenizer):
+    """The audit's prefilling attack feeds render_prompt(...) + response_ids(response)[:k]: those must be the
+    very tokens the chat template gives the conversation with that response, cut after k response tokens."""
     response = "Sure, here is how to do it: first, second, third."
+    user = [{"role": "user", "content": "How do I do it?"}]
     ids = response_ids(tiny_tokenizer, response)
-    assert len(ids) > 5
-    assert prefix_ids(tiny_tokenizer, response, k) == ids[:k]
-    assert tiny_tokenizer.decode(prefix_ids(tiny_tokenizer, response, 1000)) == response
+    assert len(ids) > 5 and tiny_tokenizer.decode(ids) == response
+    full = render_chat(tiny_tokenizer, [*user, {"role": "assistant", "content": response}]).input_ids
+    prompt = render_prompt(tiny_tokenizer, user)
+    for k in (0, 1, 5, len(ids)):
+        assert full[:len(prompt) + k] == prompt + ids[:k]
 
 
-def test_prefix_ids_rejects_negative_k(tiny_tokenizer):
-    with pytest.raises(ConfigError, match="k must be >= 0"):
-        prefix_ids(tiny_tokenizer, "Sure", -1)
+def test_ensure_pad_token_falls_back_to_eos_or_explains(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None
+    assert ensure_pad_token(tokenizer, "tiny").pad_token == tokenizer.eos_token
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    with pytest.raises(ModelError, match="neither a pad nor an eos token"):
+        ensure_pad_token(tokenizer, "tiny")
 
 
 def test_template_fingerprint_tracks_template_vocab_and_special_tokens():

@@ -278,7 +278,7 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
 def test_refused_scope_probes_each_distinct_prompt_once(tiny_model_dir, monkeypatch):
     """reference_refusals generates once per distinct prompt (everything before the first trained token) and
     judges the reply by refusal phrases."""
-    import guardtune.generation
+    import guardtune.training
     from guardtune.models import load_model
     from guardtune.training import reference_refusals
 
@@ -294,9 +294,12 @@ def test_refused_scope_probes_each_distinct_prompt_once(tiny_model_dir, monkeypa
         return [tok.encode("I'm sorry, but I can't help with that.") if p[0] == 1 else tok.encode("Sure, here")
                 for p in prompts]
 
-    monkeypatch.setattr(guardtune.generation, "generate", fake_generate)
-    assert reference_refusals(loaded.model, tok, examples, max_new_tokens=8) == [True, True, False]
+    monkeypatch.setattr(guardtune.training, "generate", fake_generate)
+    replies = []
+    assert reference_refusals(loaded.model, tok, examples, max_new_tokens=8, replies=replies) == [True, True, False]
     assert seen == [[[1, 2, 3], [4, 5]]]
+    assert replies == [{"refused": True, "reply": "I'm sorry, but I can't help with that."},
+                       {"refused": False, "reply": "Sure, here"}]
 
 
 def test_refused_scope_without_refusals_trains_like_eq3_with_the_tail_beta_everywhere(tiny_model_dir, data, tmp_path):
@@ -330,3 +333,21 @@ def test_refused_scope_anchors_only_refused_examples(tiny_model_dir, tmp_path, m
     full = train(dataset, model=str(tiny_model_dir), out=tmp_path / "all", max_steps=3, batch_size=4,
                  learning_rate=2e-2, warmup_steps=0, **KL_ANCHOR)
     assert full.metrics["loss_curve"][0]["loss"] != pytest.approx(result.metrics["loss_curve"][0]["loss"], rel=1e-6)
+    # Same data, other anchored examples: its own reference cache entry, not the scoped run's.
+    assert full.metrics["reference_detail"]["cache_key"] != result.metrics["reference_detail"]["cache_key"]
+    assert full.metrics["reference_detail"]["cache_hit"] is False
+
+
+def test_a_file_changed_after_validation_is_not_trained(tiny_model_dir, data, tmp_path):
+    """The pipeline passes the sha256 validation read; a file swapped in between is refused before training."""
+    from guardtune.errors import DatasetError
+    from guardtune.provenance import sha256_file
+
+    validated = sha256_file(data)
+    swapped = tmp_path / "swapped.jsonl"
+    original = Path(data).read_bytes()
+    swapped.write_bytes(original + original.splitlines(keepends=True)[0])  # one more (valid) line
+    with pytest.raises(DatasetError, match="changed since it was validated"):
+        train(swapped, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1, batch_size=4,
+              validated=validated)
+    assert not (tmp_path / "run" / "adapter").exists()
