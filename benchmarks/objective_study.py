@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     parser.add_argument("--k", default="0")
     parser.add_argument("--out", type=Path, default=Path("runs/objective"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished seeds of --name (e.g. --seeds 3 after a 1-seed run adds seeds 1, 2)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--plot", help="comma-separated run names to draw (with --svg)")
     parser.add_argument("--svg", type=Path, help="output prefix: PREFIX-kl.svg and PREFIX-rise.svg")
@@ -81,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                                out=args.out / args.name, seeds=args.seeds, learning_rate=args.lr,
                                max_steps=args.steps, audit_set=str(tuning_set(args.out / "tuning_set.jsonl")),
                                audit_harmful=200, audit_benign=24, audit_utility=None,
-                               prefill_k=tuple(int(k) for k in args.k.split(",")), train_overrides=overrides)
+                               prefill_k=tuple(int(k) for k in args.k.split(",")), train_overrides=overrides,
+                               resume=args.resume)
     saved = json.loads(result.json_path.read_text())
     base = saved["bases"][args.attack]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a", encoding="utf-8") as handle:
         for run in saved["runs"]:
+            if run.get("resumed"):
+                continue  # its row was appended when it ran
             row = {"name": args.name, "model": args.model, "attack": args.attack, "objective": args.objective,
                    "lr": args.lr, "steps": args.steps, "seed": run["seed"], "overrides": overrides,
                    "base": {label: base[label]["asr"] for label in base if isinstance(base[label], dict)
