@@ -49,6 +49,9 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from guardtune.errors import GuardtuneError
 
+        for stream in (sys.stdout, sys.stderr):  # text from hostile files must never crash the output
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         try:
             return super().invoke(ctx)
         except GuardtuneError as exc:

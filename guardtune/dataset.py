@@ -146,6 +146,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def _surrogate_key(value: Any) -> str | None:
+    """The first object key (escaped for display) that holds a lone surrogate, anywhere in a parsed record."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                return key.encode("utf-8", "backslashreplace").decode("ascii")
+            found = _surrogate_key(item)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        return next((found for item in value if (found := _surrogate_key(item)) is not None), None)
+    return None
+
+
 def _bounded_int(text: str) -> int:
     # Python refuses ints over 4300 digits with a ValueError deep in json; and nothing legitimate is that long.
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
@@ -248,6 +264,11 @@ class _RecordChecker:
             return None
         record = self._parse(text, line)
         if record is None:
+            return None
+        bad_key = _surrogate_key(record)
+        if bad_key is not None:
+            self.log.add("invalid-unicode", f"A key holds an unpaired surrogate escape ({bad_key}); it is not "
+                         f"text any UTF-8 reader can hold. Fix the key.", line=line)
             return None
         return self._check_record(record, line)
 

@@ -221,3 +221,11 @@ def test_guardtune_report_survives_hostile_files_beside_the_report(tmp_path):
     write(tmp_path / "report.json", '{"n": ' + "9" * 5000 + "}")
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "cannot be read" in result.output
+
+
+def test_a_lone_surrogate_in_a_key_is_an_issue_not_a_traceback(tmp_path):
+    path = write(tmp_path / "d.jsonl", b'{"\\ud800": 1, "prompt": "a", "completion": "b"}\n')
+    report = validate_dataset(path, policy="default")
+    assert [i.code for i in report.issues if i.severity == "error"][0] == "invalid-unicode"
+    result = CliRunner().invoke(main, ["validate", str(path), "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
