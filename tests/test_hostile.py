@@ -229,3 +229,19 @@ def test_a_lone_surrogate_in_a_key_is_an_issue_not_a_traceback(tmp_path):
     assert [i.code for i in report.issues if i.severity == "error"][0] == "invalid-unicode"
     result = CliRunner().invoke(main, ["validate", str(path), "--json"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_a_non_utf8_output_path_is_written_and_printed(tmp_path):
+    """A path that is not valid UTF-8 (bytes from the shell) reaches the filesystem as given, and printing it
+    cannot crash the CLI."""
+    import subprocess
+    import sys
+
+    from fixtures.make_report import make_report
+
+    write(tmp_path / "report.json", json.dumps(make_report()))
+    out = os.fsencode(tmp_path) + b"/page\xff.html"
+    result = subprocess.run([sys.executable, "-m", "guardtune_cli.main", "report", os.fsencode(tmp_path),
+                             "--out", out], capture_output=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert b"Traceback" not in result.stderr and os.path.exists(out)
