@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import ConfigError, DatasetError, Issue, did_you_mean
 from .provenance import sha256_json
@@ -102,13 +102,9 @@ def load_factual(spec: str | Path = BUILTIN) -> list[FactualQuestion]:
         path = _resolve(spec, "utility")
         text, source, stem = _read_text(path), str(path), path.stem
     questions, issues = [], []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {exc.msg}"))
+    for number, record, error in _jsonl_lines(text):
+        if error is not None:
+            issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {error.msg}"))
             continue
         answers = record.get("answers") if isinstance(record, dict) else None
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip() \
@@ -264,18 +260,27 @@ def _read_jsonl(path: Path, kind: str) -> list[AuditPrompt]:
     return _parse_jsonl(_read_text(path), source=str(path), stem=path.stem, kind=kind, ids_from_file=False)
 
 
-def _parse_jsonl(text: str, source: str, stem: str, kind: str, ids_from_file: bool) -> list[AuditPrompt]:
-    prompts: list[AuditPrompt] = []
-    issues: list[Issue] = []
-    # split("\n"), not splitlines(): JSON strings may legally hold U+2028 and other characters splitlines() breaks on.
+def _jsonl_lines(text: str) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
+    """(line number, parsed record, None) or (line number, None, the JSON error) for each non-blank line.
+
+    split("\n"), not splitlines(): JSON strings may legally hold U+2028 and other characters splitlines() breaks on.
+    """
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line), None
         except json.JSONDecodeError as exc:
-            issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {exc.msg} "
-                                                                           f"(column {exc.colno})"))
+            yield number, None, exc
+
+
+def _parse_jsonl(text: str, source: str, stem: str, kind: str, ids_from_file: bool) -> list[AuditPrompt]:
+    prompts: list[AuditPrompt] = []
+    issues: list[Issue] = []
+    for number, record, error in _jsonl_lines(text):
+        if error is not None:
+            issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {error.msg} "
+                                                                           f"(column {error.colno})"))
             continue
         prompt_id = f"{stem}-{number}"
         if ids_from_file and isinstance(record, dict):
@@ -379,7 +384,6 @@ def normalise(text: str) -> str:
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
 
 
-
 # --- refusal texts (alignment data, the red team's backdoor answers) -----------------------------------------
 
 def load_refusals(spec: str = "builtin") -> list[str]:
@@ -396,13 +400,9 @@ def load_refusals(spec: str = "builtin") -> list[str]:
                                f'{{"text": "..."}} objects, or "builtin".') from exc
         source = str(path)
     refusals = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{source} line {number}: not valid JSON ({exc.msg}).") from exc
+    for number, record, error in _jsonl_lines(text):
+        if error is not None:
+            raise DatasetError(f"{source} line {number}: not valid JSON ({error.msg}).") from error
         if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
             raise DatasetError(f'{source} line {number}: expected {{"text": "<a refusal>"}}.')
         refusals.append(record["text"].strip())
