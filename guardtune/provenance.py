@@ -56,12 +56,17 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     try:
         yield scratch
         if durable:
-            with open(scratch, "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(scratch)
         os.replace(scratch, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             scratch.unlink()
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's content to disk (before a rename that must survive a power cut)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:

@@ -16,8 +16,8 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ConfigError, GuardtuneError, VerificationError, did_you_mean
-from .provenance import (atomic_write_text, canonical_json, sha256_file, sha256_json, sha256_tree, tree_files,
-                         write_json_file)
+from .provenance import (atomic_write_text, canonical_json, fsync_file, sha256_file, sha256_json, sha256_tree,
+                         tree_files, write_json_file)
 from .report import load_report, read_samples, render_html
 from .schemas import schema_issues
 
@@ -27,15 +27,6 @@ RESERVED = {MANIFEST_NAME, "report.json", "report.html", "gate.json", "samples.j
 MANIFEST_FIELDS = ("dataset", "base_model", "policy", "judge", "versions", "seeds", "timestamps", "training", "audit")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERSION_KEYS = ("guardtune", "python", "torch", "transformers", "peft", "git_commit", "device")
-
-
-
-
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,16 +45,12 @@ def _fsync_dir(path: Path) -> None:
 def _copy_file(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)  # follows symlinks: a release holds real files only
-    _fsync_file(dst)
-
-
+    fsync_file(dst)
 
 
 def _safe_relative(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return bool(parts) and not name.startswith("/") and "\\" not in name and not any(p in ("..", ".") for p in parts)
-
-
 
 
 def _decision_dict(decision: Any) -> dict[str, Any]:
@@ -312,20 +299,30 @@ def verify(path: str | Path) -> VerificationResult:
     if expected_status and result.status != expected_status:
         result.problems.append(f"manifest status is {result.status!r} but the directory is under {where}/.")
     gate = manifest.get("gate") if isinstance(manifest.get("gate"), dict) else {}
-    if "gate.json" in files and (root / "gate.json").is_file() and "gate.json" not in result.mismatched:
-        try:
-            verdict = json.loads((root / "gate.json").read_text(encoding="utf-8")).get("verdict")
-        except (OSError, ValueError, AttributeError):
-            verdict = None
-        if verdict != gate.get("verdict"):
-            result.problems.append(f"gate.json says {verdict!r} but manifest.json says {gate.get('verdict')!r}.")
-    result.problems += _chain_problems(root, manifest, files, result)
+    gate_doc = _unchanged_json(root, "gate.json", result)  # None: absent or changed (already reported)
+    if "gate.json" in files and gate_doc is not None and gate_doc.get("verdict") != gate.get("verdict"):
+        result.problems.append(f"gate.json says {gate_doc.get('verdict')!r} but manifest.json says "
+                               f"{gate.get('verdict')!r}.")
+    result.problems += _chain_problems(root, manifest, files, result, gate_doc)
     result.ok = not (result.mismatched or result.missing or result.unexpected or result.problems)
     return result
 
 
+def _unchanged_json(root: Path, name: str, result: VerificationResult) -> dict[str, Any] | None:
+    """A release file read as a JSON object ({} when it is not readable as one), or None when it is absent or
+    its hash already failed (then it is reported as changed, not read)."""
+    path = root / name
+    if not path.is_file() or name in result.mismatched:
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
 def _chain_problems(root: Path, manifest: dict[str, Any], files: dict[str, str],
-                    result: VerificationResult) -> list[str]:
+                    result: VerificationResult, gate_doc: dict[str, Any] | None) -> list[str]:
     """The chain of custody inside a release: the adapter is the one report.json audited, gate.json and the
     manifest were decided on this report.json, and (with the operator's key) the manifest is the one guardtune
     signed. Matching file hashes alone prove nothing once someone recomputes them."""
@@ -361,11 +358,6 @@ def _chain_problems(root: Path, manifest: dict[str, Any], files: dict[str, str],
                             f"({actual[:12]}).")
     if (manifest.get("gate") or {}).get("report_sha256") != report_sha:
         problems.append("manifest.json's gate decision was made on a different report.json.")
-    if (root / "gate.json").is_file() and "gate.json" not in result.mismatched:
-        try:
-            gate_report = json.loads((root / "gate.json").read_text(encoding="utf-8")).get("report_sha256")
-        except (OSError, ValueError, AttributeError):
-            gate_report = None
-        if gate_report != report_sha:
-            problems.append("gate.json was decided on a different report.json than the one in this release.")
+    if gate_doc is not None and gate_doc.get("report_sha256") != report_sha:
+        problems.append("gate.json was decided on a different report.json than the one in this release.")
     return problems
