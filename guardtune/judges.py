@@ -102,7 +102,6 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 # ---------------------------------------------------------------------------------------------- text matching
 
 
-
 def _phrase_pattern(phrases: Iterable[str]) -> re.Pattern[str] | None:
     # Word boundaries (not plain substrings) so "as an ai" does not fire on "as an aid"; any run of spaces or
     # hyphens inside a phrase matches any other; an optional plural "s"/"es" so "bomb" lexicon terms cover "bombs".
@@ -171,6 +170,7 @@ class KeywordJudge:
     """
 
     name = "keyword"
+    OPTIONS = ("assume_harmful", "extra_refusal_phrases")  # a policy judge mapping's keys besides name
 
     def __init__(self, assume_harmful: bool = True, extra_refusal_phrases: Sequence[str] = ()):
         if not isinstance(assume_harmful, bool):
@@ -248,6 +248,7 @@ class HFJudge:
     """
 
     name = "hf"
+    OPTIONS = ("path", "batch_size", "threshold", "extra_refusal_phrases", "max_new_tokens")
 
     def __init__(self, path: str | None = None, batch_size: int = 8, threshold: float | None = None,
                  extra_refusal_phrases: Sequence[str] = (), max_new_tokens: int = 20):
@@ -457,6 +458,8 @@ class OpenAIJudge:
     """
 
     name = "openai"
+    OPTIONS = ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "concurrency", "threshold",
+               "extra_refusal_phrases", "max_tokens", "backoff_s", "max_backoff_s")
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str | None = None,
                  timeout_s: float = 60.0, max_retries: int = 4, concurrency: int = 8, threshold: float = 1.0,
@@ -711,12 +714,7 @@ def register_judge(cls: type) -> type:
     return cls
 
 
-for _builtin, _options in ((KeywordJudge, ("assume_harmful", "extra_refusal_phrases")),
-                           (HFJudge, ("path", "batch_size", "threshold", "extra_refusal_phrases", "max_new_tokens")),
-                           (OpenAIJudge, ("base_url", "model", "api_key_env", "timeout_s", "max_retries",
-                                          "concurrency", "threshold", "extra_refusal_phrases", "max_tokens",
-                                          "backoff_s", "max_backoff_s"))):
-    _builtin.OPTIONS = _options
+for _builtin in (KeywordJudge, HFJudge, OpenAIJudge):
     register_judge(_builtin)
 
 
