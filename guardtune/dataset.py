@@ -138,11 +138,13 @@ _WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in record:
-            raise _DuplicateKey(key)
-        record[key] = value
+    record = dict(pairs)
+    if len(record) != len(pairs):  # rare: only then look for the key that repeats
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return record
 
 
@@ -179,8 +181,6 @@ def _reject_constant(name: str) -> Any:
     raise _NonFiniteNumber(name)
 
 
-
-
 def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
     """A fast, conservative schema check: True only for records the JSON Schema certainly accepts.
 
@@ -203,8 +203,6 @@ def _plainly_valid(fmt: str, record: dict[str, Any]) -> bool:
         if "weight" in message and not (type(message["weight"]) is int and message["weight"] in (0, 1)):
             return False
     return True
-
-
 
 
 class _RecordChecker:
@@ -265,7 +263,8 @@ class _RecordChecker:
         record = self._parse(text, line)
         if record is None:
             return None
-        bad_key = _surrogate_key(record)
+        # A lone surrogate can only come from a \u escape; most lines have none, so skip the walk for them.
+        bad_key = _surrogate_key(record) if "\\u" in text else None
         if bad_key is not None:
             self.log.add("invalid-unicode", f"A key holds an unpaired surrogate escape ({bad_key}); it is not "
                          f"text any UTF-8 reader can hold. Fix the key.", line=line)
@@ -454,7 +453,6 @@ class _RecordChecker:
         if self.n_records > config.max_examples:
             log.add("too-many-examples", f"{self.n_records} records; the policy allows at most "
                     f"{config.max_examples} (dataset.max_examples). Split the dataset or sample it.")
-
 
 
 def _read_lines(handle: BinaryIO, max_line_bytes: int, digest: Any,
