@@ -9,7 +9,6 @@ from guardtune.config import ATTACKS, TrainConfig, choices
 from ._common import StageProgress, echo_json, json_option, policy_option
 
 
-
 @click.command()
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="The aligned model to attack (default: the policy's model).")

@@ -80,7 +80,6 @@ class AnchorExample:
     answer: str  # the base model's own answer before alignment
 
 
-
 def split_holdout(prompts: Sequence[Any], n: int) -> tuple[list[Any], list[Any]]:
     """(train, holdout): a category-stratified seeded sample of n prompts is held out. The split seed is fixed (0)
     so sweeps over training seeds all tune on the same held-out prompts."""

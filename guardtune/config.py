@@ -110,7 +110,8 @@ class ModelConfig:
                       default="smollm2-135m-instruct")
     revision: str | None = setting("Hub revision (branch, tag, commit) for hub ids.", default=None)
     trust_remote_code: bool = setting("Execute Python code shipped with the checkpoint. Off by default.", default=False)
-    dtype: Dtype = setting("auto (bf16 on a bf16-capable GPU, fp32 on CPU), float32, bfloat16 or float16.", default="auto")
+    dtype: Dtype = setting("auto (bf16 on a bf16-capable GPU, fp32 on CPU), float32, bfloat16 or float16.",
+                           default="auto")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -126,7 +127,8 @@ class DatasetConfig:
     max_file_bytes: int = setting("Largest accepted file.", default=10 * 2**30)
     max_line_bytes: int = setting("Largest accepted single record (one line).", default=64 * 2**20)
     max_tokens: int = setting("Longest rendered example in the target model's tokens.", default=4096)
-    duplicates: Duplicates = setting("Severity of exact duplicate examples: error, warning or ignore.", default="warning")
+    duplicates: Duplicates = setting("Severity of exact duplicate examples: error, warning or ignore.",
+                                     default="warning")
     screen_enabled: bool = setting("Run the training-data risk screen.", default=True, key="screen.enabled")
     screen_judge: dict[str, Any] = setting("Judge used by the screen (see guardtune.judges).",
                                            factory=lambda: {"name": "keyword"}, key="screen.judge")
@@ -167,22 +169,25 @@ class TrainConfig:
                                       default=4.0, key="kl_anchor.weight")
     kl_anchor_topk: int = setting("Reference tokens kept per anchored position (the rest is one tail bucket).",
                                   default=64, key="kl_anchor.topk")
-    constraint_scope: ConstraintScope = setting("Which examples get the strong early-token constraint (betas for t = 1..len(betas) "
-                                  "and the KL anchor). all: every example (the paper). refused: only examples whose "
-                                  "prompt the reference itself refuses (a greedy probe of scope_probe_tokens tokens, "
-                                  "keyword refusal phrases); the others get beta_tail at every position and no "
-                                  "anchor, so a task that changes the first response tokens can be learned. "
-                                  "docs/objective.md measures what each costs.", default="all")
+    constraint_scope: ConstraintScope = setting(
+        "Which examples get the strong early-token constraint (betas for t = 1..len(betas) and the KL anchor). "
+        "all: every example (the paper). refused: only examples whose prompt the reference itself refuses (a greedy "
+        "probe of scope_probe_tokens tokens, keyword refusal phrases); the others get beta_tail at every position "
+        "and no anchor, so a task that changes the first response tokens can be learned. docs/objective.md measures "
+        "what each costs.", default="all")
     scope_probe_tokens: int = setting("refused scope: tokens the reference writes per prompt for the refusal probe.",
                                     default=24)
-    quantization: Quantization = setting("none (LoRA on the full-precision base) or nf4 (QLoRA, bitsandbytes).", default="none")
+    quantization: Quantization = setting("none (LoRA on the full-precision base) or nf4 (QLoRA, bitsandbytes).",
+                                         default="none")
     lora_r: int = setting("LoRA rank.", default=16, key="lora.r")
     lora_alpha: float = setting("LoRA alpha; the update is scaled by alpha / r.", default=32, key="lora.alpha")
-    lora_dropout: float = setting("Dropout on the LoRA input (costs step time on CPU).", default=0.0, key="lora.dropout")
+    lora_dropout: float = setting("Dropout on the LoRA input (costs step time on CPU).", default=0.0,
+                                  key="lora.dropout")
     target_modules: str | tuple[str, ...] = setting("Module names for LoRA, or 'all-linear'.", default="all-linear",
                                                     key="lora.target_modules")
     learning_rate: float = setting("Peak learning rate after warm-up.", default=1e-4, key="optimizer.learning_rate")
-    adam_betas: tuple[float, float] = setting("AdamW (beta1, beta2); the paper uses (0.5, 0.999).", default=(0.5, 0.999),
+    adam_betas: tuple[float, float] = setting("AdamW (beta1, beta2); the paper uses (0.5, 0.999).",
+                                              default=(0.5, 0.999),
                                               key="optimizer.adam_betas")
     weight_decay: float = setting("AdamW weight decay.", default=0.0, key="optimizer.weight_decay")
     warmup_steps: int = setting("Linear warm-up steps.", default=10, key="optimizer.warmup_steps")
@@ -256,7 +261,8 @@ class AlignConfig:
     """
 
     SECTION: ClassVar[str] = "align"
-    mode: AlignMode = setting("deep (recovery augmentation) or shallow (instruction -> refusal, the control).", default="deep")
+    mode: AlignMode = setting("deep (recovery augmentation) or shallow (instruction -> refusal, the control).",
+                              default="deep")
     recovery_prob: float = setting("p: share of harmful examples that are recovery examples (deep).", default=0.5)
     max_prefix_tokens: int = setting("K: prefix length k ~ U{1..K} tokens of the harmful answer, capped by its length.",
                                    default=100)
@@ -343,7 +349,8 @@ class AuditConfig:
 
     SECTION: ClassVar[str] = "audit"
     prefill_k: tuple[int, ...] = setting("Prefix lengths in tokens of a harmful response.", default=(0, 5, 10, 20, 40))
-    harmful_set: str = setting("'builtin' or a path to harmful instructions / pairs / goal,target CSV.", default="builtin")
+    harmful_set: str = setting("'builtin' or a path to harmful instructions / pairs / goal,target CSV.",
+                               default="builtin")
     benign_set: str = setting("'builtin' or a path to benign over-refusal probes.", default="builtin")
     utility_set: str | None = setting("'builtin' (the factual probe), a path to {question, answers} JSONL, or None to "
                                     "skip the utility probe.", default="builtin")
@@ -373,7 +380,8 @@ class AuditConfig:
         "new batch shape recompiles, so it is off by default. Measure with benchmarks/bench_audit.py first.",
         default=False, key="decoding.static_cache")
     kl_positions: int = setting("Response positions 1..N of the KL profile.", default=32)
-    kl_examples: int | None = setting("Harmful responses averaged in the KL profile (None = all audited).", default=None)
+    kl_examples: int | None = setting("Harmful responses averaged in the KL profile (None = all audited).",
+                                      default=None)
 
     def __post_init__(self) -> None:
         self.prefill_k = tuple(sorted(int(k) for k in self.prefill_k))

@@ -96,7 +96,6 @@ def _counts(entry: dict[str, Any], key: str = "harmful") -> str:
     return text + (f", {entry['errors']} unscorable" if entry["errors"] else "")
 
 
-
 def _per_k_limits(threshold: float | dict[int, float], available: dict[int, Any]) -> list[tuple[int | None, float]]:
     """(k, limit) pairs a per-k rule must check: every k in a map, or every audited k for one number."""
     if isinstance(threshold, dict):

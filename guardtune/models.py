@@ -115,7 +115,6 @@ class LoadedModel:
 # --- cache and spec resolution (torch-free) ---------------------------------------------------------------
 
 
-
 def embedded_cache_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
@@ -380,7 +379,6 @@ def _prepare_aligned(entry: AlignedModel, target: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -57,7 +57,6 @@ def shipped_policies() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in POLICY_SUFFIXES}
 
 
-
 def resolve_policy_path(spec: str | Path, relative_to: Path | None = None) -> Path:
     """A shipped name ('default') or a path ('./my.yaml'); unknown names get 'did you mean'."""
     text = str(spec)
@@ -177,8 +176,6 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
 
 
 def load_policy(spec: str | Path = "default") -> Policy:

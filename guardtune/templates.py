@@ -166,7 +166,6 @@ def response_ids(tokenizer: Any, text: str) -> list[int]:
     return _encode(tokenizer, text)
 
 
-
 def template_fingerprint(tokenizer: Any) -> str:
     """sha256 of the chat template, the special tokens and the vocabulary/merges: a cache key for anything
     derived from tokenized data (reference log-probs)."""

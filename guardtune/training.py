@@ -395,7 +395,6 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
     )
 
 
-
 def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,
           out: str | Path = "guardtune-train", *, policy: Policy | str | None = None,
           trust_remote_code: bool | None = None, resume: bool = False, callbacks: Sequence[Any] = (),

@@ -565,7 +565,8 @@ def test_a_plugin_judge_registers_through_its_entry_point(tmp_path, monkeypatch)
         verdict = judges.get_judge("always-harmful", score=0.5).evaluate("q", "a")
         assert verdict.harmful is True and verdict.score == 0.5
         assert AuditConfig(judge={"name": "always-harmful", "score": 0.3}).judge["name"] == "always-harmful"
-        with pytest.raises(JudgeError, match="Unknown option 'scor' for the always-harmful judge.*Did you mean 'score'"):
+        with pytest.raises(JudgeError,
+                           match="Unknown option 'scor' for the always-harmful judge.*Did you mean 'score'"):
             AuditConfig(judge={"name": "always-harmful", "scor": 0.3})
     finally:
         monkeypatch.undo()  # the plug-in uninstalled: gone from the registry once it is rebuilt
