@@ -263,7 +263,7 @@ class AlignConfig:
     SECTION: ClassVar[str] = "align"
     mode: AlignMode = setting("deep (recovery augmentation) or shallow (instruction -> refusal, the control).",
                               default="deep")
-    recovery_prob: float = setting("p: share of harmful examples that are recovery examples (deep).", default=0.5)
+    recovery_prob: float = setting("p: share of harmful examples that are recovery examples (deep).", default=0.35)
     max_prefix_tokens: int = setting("K: prefix length k ~ U{1..K} tokens of the harmful answer, capped by its length.",
                                    default=100)
     harmful_answer_tokens: int = setting("Length of the harmful answers the answer model writes.", default=100)
