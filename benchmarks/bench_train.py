@@ -87,7 +87,7 @@ class PeakMemory:
 def build_model(preset: str, workdir: Path):
     """Save the preset's model to `workdir` (a local model spec) and return its path."""
     if preset == "smollm2":
-        from guardtune.models import resolve_model_dir
+        from guardtune.modelspec import resolve_model_dir
 
         return resolve_model_dir("smollm2-135m-instruct")
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -30,7 +30,7 @@ def list_models(as_json: bool) -> None:
 
 
 def _list(as_json: bool) -> None:
-    from guardtune.models import list_embedded
+    from guardtune.modelspec import list_embedded
 
     rows = list_embedded()
     if as_json:
@@ -51,7 +51,7 @@ def _list(as_json: bool) -> None:
 @json_option
 def prepare(name: str, force: bool, as_json: bool) -> None:
     """Convert embedded model NAME into the cache now (one-time, ~30-60 s on CPU) instead of on first use."""
-    from guardtune.models import is_cached, prepare_embedded
+    from guardtune.modelspec import is_cached, prepare_embedded
 
     was_cached = is_cached(name) and not force
     started = time.monotonic()

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import guardtune
-    from guardtune.models import adapter_path
+    from guardtune.modelspec import adapter_path
 
     started = time.perf_counter()
     if not args.render_only:

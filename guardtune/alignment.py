@@ -31,7 +31,8 @@ from .errors import DatasetError
 from .evalsets import load_refusals, sample, set_sha256
 from .generation import Answer, counting, write_answers
 from .judges import is_refusal
-from .models import attach_lora, load_model, resolve_model_dir, weights_sha256
+from .models import attach_lora, load_model
+from .modelspec import resolve_model_dir, weights_sha256
 from .policy import Policy
 from .provenance import library_versions, sha256_file, sha256_json, write_json_file
 from .templates import render_chat, response_ids

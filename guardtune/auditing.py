@@ -28,7 +28,8 @@ from .evalsets import is_correct
 from .generation import Progress, counting, generate, write_answers
 from .judges import get_judge, rate_entry, wilson_interval
 from .logprobs import final_hidden, logit_softcap, output_head
-from .models import load_model, quiet_peft_wrapping, reference, resolve_model_dir, weights_sha256
+from .models import load_model, reference
+from .modelspec import quiet_peft_wrapping, resolve_model_dir, weights_sha256
 from .policy import Policy
 from .provenance import atomic_write_text, library_versions, sha256_tree, write_json_file
 from .report import validate_report, write_html

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from .config import DatasetConfig, dataset_config, model_config
+from . import modelspec
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
 from .provenance import canonical_json, write_json_file
@@ -508,20 +508,13 @@ def _model_dir(spec: str, revision: str | None, explicit: bool) -> Path | None:
     """A local directory for a model spec. Explicit (--model): resolved or ModelError. Implicit (the policy's
     model): only if already on disk, else None. Never downloads or converts: that would import torch."""
     candidate = Path(spec).expanduser()
-    if candidate.is_dir():  # works even where guardtune.models cannot be imported
+    if candidate.is_dir():
         return candidate
-    try:
-        models = importlib.import_module("guardtune.models")
-    except ImportError as exc:
-        if not explicit:
-            return None
-        raise ModelError(f"Cannot resolve model {spec!r}: it is not a local directory, and resolving model names "
-                         f"needs guardtune.models ({exc}). Pass a directory with tokenizer.json and a chat template.")
     if not explicit:
-        found = models.cached_model_dir(spec, revision=revision)
+        found = modelspec.cached_model_dir(spec, revision=revision)
         return Path(found) if found is not None else None
     try:
-        return Path(models.resolve_model_dir(spec, revision, materialize=False))
+        return Path(modelspec.resolve_model_dir(spec, revision, materialize=False))
     except GuardtuneError:
         raise
     except Exception as exc:
@@ -553,7 +546,7 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", 
     """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
 
     model: None (the policy's model.name, if available without loading it), a local model directory, a
-    model spec resolved by guardtune.models, or a TokenCounter. progress: None shows a bar on a TTY for
+    model spec resolved by guardtune.modelspec, or a TokenCounter. progress: None shows a bar on a TTY for
     files over 50 MB. screen: run the risk screen (guardtune.screen) when the policy enables it and the file
     is structurally valid. Raises DatasetError if the file cannot be read, ModelError/TemplateError if an
     explicit model cannot be used, JudgeError if the screen's judge cannot be built; everything wrong *inside*

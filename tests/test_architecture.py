@@ -18,7 +18,7 @@ ORCHESTRATORS = {"pipeline", "alignment", "redteaming"}  # call stages in order;
 ALLOWED_STAGE_EDGES = {("training", "dataset")}
 CONTROL_PLANE = ["guardtune.dataset", "guardtune.policy", "guardtune.config", "guardtune.gate", "guardtune.release",
                  "guardtune.report", "guardtune.judges", "guardtune.evalsets", "guardtune.provenance",
-                 "guardtune.schemas", "guardtune.models", "guardtune.cache"]
+                 "guardtune.schemas", "guardtune.modelspec", "guardtune.cache"]
 
 
 def module_name(path: Path) -> str:

