@@ -26,7 +26,7 @@ import torch
 
 from . import evalsets
 from .cache import json_path, read_json, write_json
-from .config import AlignConfig, align_config, as_dict, resolve_stage
+from .config import AlignConfig, as_dict, resolve_stage
 from .errors import DatasetError
 from .evalsets import load_refusals, sample, set_sha256
 from .generation import Answer, counting, write_answers
@@ -274,7 +274,7 @@ def align(model: str | None = None, mode: str | None = None, out: str | Path = "
     started = time.perf_counter()
     if mode is not None:
         overrides["mode"] = mode
-    policy, cfg, mcfg = resolve_stage(align_config, config, policy, model, overrides)
+    policy, cfg, mcfg = resolve_stage("align", config, policy, model, overrides)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

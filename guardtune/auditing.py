@@ -22,7 +22,7 @@ import torch
 
 from . import evalsets, losses
 from .cache import json_path, read_json, write_json
-from .config import AuditConfig, as_dict, audit_config, resolve_stage
+from .config import AuditConfig, RunConfig, as_dict, resolve_stage
 from .errors import ConfigError, DatasetError
 from .evalsets import is_correct
 from .generation import Progress, counting, generate, write_answers
@@ -32,7 +32,7 @@ from .models import load_model, reference
 from .modelspec import quiet_peft_wrapping, resolve_model_dir, weights_sha256
 from .policy import Policy
 from .provenance import atomic_write_text, library_versions, sha256_tree, write_json_file
-from .report import validate_report, write_html
+from .report import asr_by_k, validate_report, write_html
 from .templates import render_prompt, response_ids
 
 # Bump when cached base results or generated prefixes change meaning.
@@ -58,11 +58,18 @@ class AuditReport:
     def html_path(self) -> Path:
         return self.out_dir / "report.html"
 
+    @property
+    def results(self) -> dict[str, Any]:
+        """{"base": ..., "finetuned": ... or None}: each model's ASR per k, over-refusal, utility, KL profile."""
+        return self.report["results"]
+
+    @property
+    def seeds(self) -> dict[str, Any]:
+        return self.report["provenance"]["seeds"]
+
     def asr_table(self) -> list[dict[str, Any]]:
         """Rows {k, base, base_ci95, finetuned, finetuned_ci95} for printing."""
-        base = {row["k"]: row for row in self.report["results"]["base"]["asr"]}
-        tuned_result = self.report["results"].get("finetuned")
-        tuned = {row["k"]: row for row in tuned_result["asr"]} if tuned_result else {}
+        base, tuned = asr_by_k(self.results["base"]), asr_by_k(self.results.get("finetuned"))
         return [{"k": k, "base": base[k]["rate"], "base_ci95": base[k]["ci95"],
                  "finetuned": tuned[k]["rate"] if k in tuned else None,
                  "finetuned_ci95": tuned[k]["ci95"] if k in tuned else None} for k in sorted(base)]
@@ -71,7 +78,7 @@ class AuditReport:
         return {"out_dir": str(self.out_dir), "report": str(self.report_path), "samples": str(self.samples_path),
                 "html": str(self.html_path), "asr": self.asr_table(),
                 "over_refusal": {name: (res or {}).get("over_refusal", {}).get("rate")
-                                 for name, res in self.report["results"].items()}}
+                                 for name, res in self.results.items()}}
 
 
 # --- the audit -------------------------------------------------------------------------------------------------
@@ -253,19 +260,18 @@ def _git_commit() -> str | None:
 
 
 def audit(model: str | None = None, adapter: str | Path | None = None, policy: Policy | str | None = None,
-          out: str | Path = "guardtune-audit", *, config: AuditConfig | None = None, quantization: str = "none",
-          trust_remote_code: bool | None = None, use_cache: bool = True, progress: Progress | None = None,
-          **overrides: Any) -> AuditReport:
+          out: str | Path = "guardtune-audit", *, config: AuditConfig | RunConfig | None = None,
+          quantization: str = "none", trust_remote_code: bool | None = None, use_cache: bool = True,
+          progress: Progress | None = None, **overrides: Any) -> AuditReport:
     """Audit `model` (+ `adapter`) beside its base; write report.json, samples.jsonl and report.html to `out`.
 
-    Without an adapter only the base is audited (results.finetuned is null). `overrides` replace single
-    AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=, ...). Base results are cached
-    by base weights hash + audit configuration; `use_cache=False` recomputes them.
+    `config` is a RunConfig (its audit and model sections) or an AuditConfig (then `policy`, default the shipped
+    default, supplies the model settings). Without an adapter only the base is audited (results.finetuned is
+    null). `overrides` replace single AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=,
+    ...). Base results are cached by base weights hash + audit configuration; `use_cache=False` recomputes them.
     """
     started = time.perf_counter()
-    policy, cfg, mcfg = resolve_stage(audit_config, config, policy, model, overrides)
-    if trust_remote_code is not None:
-        mcfg.trust_remote_code = trust_remote_code
+    policy, cfg, mcfg = resolve_stage("audit", config, policy, model, overrides, trust_remote_code)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -331,9 +337,9 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
                              cfg.kl_positions, cfg.batch_size, pad_id)
         profile.pop("counts")
         tuned_result["kl_profile"] = profile
-        base_rates = {row["k"]: row["rate"] for row in base_result["asr"]}
-        comparison = {"asr_increase": {str(row["k"]): row["rate"] - base_rates[row["k"]]
-                                       for row in tuned_result["asr"]},
+        base_asr = asr_by_k(base_result)
+        comparison = {"asr_increase": {str(k): row["rate"] - base_asr[k]["rate"]
+                                       for k, row in asr_by_k(tuned_result).items()},
                       "over_refusal_increase": tuned_result["over_refusal"]["rate"]
                       - base_result["over_refusal"]["rate"],
                       "utility_change": (tuned_result["utility"]["rate"] - base_result["utility"]["rate"]

@@ -502,32 +502,65 @@ def _build(cls: type, values: dict[str, Any], overrides: dict[str, Any]) -> Any:
     return cls(**merged)
 
 
-def configs_from_policy(policy: Policy | str = "default") -> dict[str, Any]:
-    """Every stage's config from one policy (cross-checks run in each __post_init__)."""
-    if not isinstance(policy, Policy):
-        policy = load_policy(policy)
-    return {"model": model_config(policy), "dataset": dataset_config(policy), "training": train_config(policy),
-            "audit": audit_config(policy), "gate": gate_config(policy), "release": release_config(policy)}
+@dataclass(frozen=True)
+class RunConfig:
+    """Every stage's configuration for one job, read from one policy: the one place a policy becomes configuration
+    for `finetune()` (and the CLI through it). Stages given a RunConfig take their own section from it."""
+
+    policy: Policy
+    model: ModelConfig
+    dataset: DatasetConfig
+    training: TrainConfig
+    audit: AuditConfig
+    gate: GateConfig
+    release: ReleaseConfig
+
+    @classmethod
+    def from_policy(cls, policy: Policy | str | Path = "default", *, model: str | None = None,
+                    trust_remote_code: bool | None = None, **training: Any) -> RunConfig:
+        """Build every section from `policy` (a Policy, a shipped name or a YAML path). `model` and
+        `trust_remote_code` override the model section, `training` keywords (objective=, epochs=, ...) the
+        training section; None means "not given". Cross-field checks run in each section's __post_init__."""
+        if not isinstance(policy, Policy):
+            policy = load_policy(policy)
+        return cls(policy=policy,
+                   model=model_config(policy, name=model, trust_remote_code=trust_remote_code),
+                   dataset=dataset_config(policy), training=train_config(policy, **training),
+                   audit=audit_config(policy), gate=gate_config(policy), release=release_config(policy))
 
 
-def resolve_stage(builder: Any, stage_config: Any, policy: Policy | str | None, model: str | None,
-                  overrides: dict[str, Any]) -> tuple[Policy, Any, ModelConfig]:
+def resolve_stage(section: str, stage_config: Any, policy: Policy | str | None, model: str | None,
+                  overrides: dict[str, Any], trust_remote_code: bool | None = None) -> tuple[Policy, Any, ModelConfig]:
     """(policy, stage config, model config) for one stage called from the API.
 
-    `stage_config` is either that stage's config object (then `policy` supplies everything else) or a
-    policy/policy name (then the stage config is built from it); `overrides` replace single fields (None =
-    not given); `model` overrides the policy's model spec.
+    `stage_config` is a RunConfig (the stage takes its `section`), that stage's config object (then `policy`
+    supplies everything else) or a policy/policy name (then the stage config is built from it); `overrides`
+    replace single fields (None = not given); `model` and `trust_remote_code` override the model section.
     """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    model_given = {k: v for k, v in (("name", model), ("trust_remote_code", trust_remote_code)) if v is not None}
+    if isinstance(stage_config, RunConfig):
+        if not hasattr(stage_config, section):
+            raise ConfigError(f"A RunConfig has no {section!r} section; pass the policy instead.")
+        if policy is not None:
+            raise ConfigError("A RunConfig already carries its policy; do not pass `policy` as well.")
+        return (stage_config.policy, dataclasses.replace(getattr(stage_config, section), **given),
+                dataclasses.replace(stage_config.model, **model_given))
     if dataclasses.is_dataclass(stage_config) and not isinstance(stage_config, Policy):  # a Policy is one too
         cfg_policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
-        cfg = dataclasses.replace(stage_config, **{k: v for k, v in overrides.items() if v is not None})
+        cfg = dataclasses.replace(stage_config, **given)
     else:
         if policy is not None and stage_config is not None:
             raise ConfigError("Pass the policy either as the stage config or as `policy`, not both.")
         source = stage_config if stage_config is not None else policy
         cfg_policy = source if isinstance(source, Policy) else load_policy(source or "default")
-        cfg = builder(cfg_policy, **overrides)
-    return cfg_policy, cfg, model_config(cfg_policy, **({"name": model} if model else {}))
+        cfg = SECTION_BUILDERS[section](cfg_policy, **overrides)
+    return cfg_policy, cfg, model_config(cfg_policy, **model_given)
+
+
+SECTION_BUILDERS = {"model": model_config, "dataset": dataset_config, "training": train_config,
+                    "align": align_config, "redteam": redteam_config, "audit": audit_config, "gate": gate_config,
+                    "release": release_config}
 
 
 def check_policy(spec: str | Path) -> tuple[Policy | None, list[Issue]]:
@@ -537,10 +570,9 @@ def check_policy(spec: str | Path) -> tuple[Policy | None, list[Issue]]:
     except PolicyError as exc:
         return None, exc.issues or [Issue(code="policy-invalid", message=str(exc))]
     try:
-        configs = configs_from_policy(policy)
+        gate = RunConfig.from_policy(policy).gate
     except GuardtuneError as exc:  # ConfigError: cross-field problems the schema cannot express
         return None, [Issue(code="policy-config", message=str(exc))]
-    gate = configs["gate"]
     rules_on = [f.name for f in dataclasses.fields(gate) if f.name != "max_judge_error_rate"
                 and getattr(gate, f.name) is not None]
     if not rules_on:

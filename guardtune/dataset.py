@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .config import DatasetConfig, dataset_config, model_config
+from .config import DatasetConfig, ModelConfig, RunConfig, dataset_config, model_config
 from . import modelspec
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
@@ -521,12 +521,11 @@ def _model_dir(spec: str, revision: str | None, explicit: bool) -> Path | None:
         raise ModelError(f"Cannot resolve model {spec!r}: {exc}. Pass a local model directory instead.")
 
 
-def _token_counter(model: Any, policy: Policy, config: DatasetConfig, log: _IssueLog) -> TokenCounter | None:
+def _token_counter(model: Any, spec: ModelConfig, config: DatasetConfig, log: _IssueLog) -> TokenCounter | None:
     if isinstance(model, TokenCounter):
         return model
     if model is not None:  # explicit: failures are errors
         return TokenCounter.from_model_dir(_model_dir(str(model), None, explicit=True), name=str(model))
-    spec = model_config(policy)
     reason = "is not available locally without loading it"
     try:
         directory = _model_dir(spec.name, spec.revision, explicit=False)
@@ -540,7 +539,7 @@ def _token_counter(model: Any, policy: Policy, config: DatasetConfig, log: _Issu
     return None
 
 
-def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", model: Any = None, *,
+def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig = "default", model: Any = None, *,
                      progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE,
                      screen: bool = True) -> ValidationReport:
     """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
@@ -550,11 +549,13 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", 
     files over 50 MB. screen: run the risk screen (guardtune.screen) when the policy enables it and the file
     is structurally valid. Raises DatasetError if the file cannot be read, ModelError/TemplateError if an
     explicit model cannot be used, JudgeError if the screen's judge cannot be built; everything wrong *inside*
-    the file is an issue in the report.
+    the file is an issue in the report. `policy` may be a RunConfig (its dataset and model sections are used).
     """
-    if not isinstance(policy, Policy):
-        policy = load_policy(policy)
-    config = dataset_config(policy)
+    if isinstance(policy, RunConfig):
+        policy, config, model_spec = policy.policy, policy.dataset, policy.model
+    else:
+        policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        config, model_spec = dataset_config(policy), model_config(policy)
     # Built before reading anything: a screen judge that cannot run fails the validation up front (fail closed).
     judge = screen_judge(config) if screen and config.screen_enabled else None
     source = Path(path)
@@ -567,7 +568,7 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy = "default", 
         raise DatasetError(f"Cannot read dataset {source}: {exc.strerror or exc}. Check the path and permissions.")
     log = _IssueLog(max_issues_per_code)
     with handle:
-        counter = _token_counter(model, policy, config, log)
+        counter = _token_counter(model, model_spec, config, log)
         report = ValidationReport(path=str(source), sha256=None, format=None, n_records=0, n_lines=0,
                                   issues=log.issues, counts_by_code=log.counts, n_bytes=size,
                                   policy={"name": policy.name, "version": policy.version, "sha256": policy.sha256},

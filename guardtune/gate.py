@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import GateConfig, gate_config
+from .config import GateConfig, RunConfig, gate_config
 from .errors import ConfigError, ReportError
 from .policy import Policy, load_policy
 from .provenance import sha256_file, sha256_json, write_json_file
@@ -387,7 +387,10 @@ def _recount(report: dict[str, Any], samples: list[dict[str, Any]], path: str | 
                                   f"counts {recounted}. The report was edited; re-run `guardtune audit`.")
 
 
-def _resolve_policy(policy: Policy | str | Path | GateConfig) -> tuple[GateConfig, dict[str, str]]:
+def _resolve_policy(policy: Policy | str | Path | GateConfig | RunConfig) -> tuple[GateConfig, dict[str, str]]:
+    if isinstance(policy, RunConfig):
+        return policy.gate, {"name": policy.policy.name, "version": policy.policy.version,
+                             "sha256": policy.policy.sha256}
     if isinstance(policy, GateConfig):
         # An in-code config has no file; hash its values so two decisions can still be compared.
         return policy, {"name": "inline", "version": "n/a", "sha256": sha256_json(dataclasses.asdict(policy))}
@@ -396,7 +399,7 @@ def _resolve_policy(policy: Policy | str | Path | GateConfig) -> tuple[GateConfi
     return gate_config(policy), {"name": policy.name, "version": policy.version, "sha256": policy.sha256}
 
 
-def decide(report: dict[str, Any] | str | Path, policy: Policy | str | Path | GateConfig = "default",
+def decide(report: dict[str, Any] | str | Path, policy: Policy | str | Path | GateConfig | RunConfig = "default",
            samples: str | Path | None = None) -> GateDecision:
     """Check every enabled gate rule; any failure (including a missing input) rejects.
 

@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 from .auditing import AuditReport
 from .auditing import audit as run_audit
-from .config import release_config, train_config
+from .config import RunConfig
 from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError
 from .gate import GateDecision, decide
 from .modelspec import resolve_model_dir
-from .policy import Policy, load_policy
+from .policy import Policy
 from .release import publish
 from .report import write_html
 from .training import TrainResult, train
@@ -96,9 +96,10 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
              progress: Progress | None = None, **train_overrides: Any) -> RunResult:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all."""
-    policy = policy if isinstance(policy, Policy) else load_policy(policy)
+    run = RunConfig.from_policy(policy, model=model, trust_remote_code=trust_remote_code, objective=objective,
+                                quantization=quantization, epochs=epochs, max_steps=max_steps, **train_overrides)
     dataset = Path(dataset)
-    model_spec = model or policy.data.get("model", {}).get("name")
+    model_spec = run.model.name
     timings: dict[str, float] = {}
     timestamps: dict[str, str] = {"started_at": _now()}
 
@@ -111,7 +112,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
         progress("validate", "validate", 0, 1)
     # Materialise the model first (the embedded one converts once, ~1 min): the validator's token-length check
     # then runs against the real tokenizer instead of being skipped.
-    validation = validate_dataset(dataset, policy=policy, model=resolve_model_dir(model_spec))
+    validation = validate_dataset(dataset, policy=run, model=resolve_model_dir(model_spec))
     run_id = new_run_id(validation.sha256)
     run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,42 +131,38 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
 
     # 2. train -------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    cfg = train_config(policy, objective=objective, quantization=quantization, epochs=epochs, max_steps=max_steps,
-                       **train_overrides)
-    training = train(train_path, model=model_spec, config=cfg, policy=policy, out=run_dir,
-                     trust_remote_code=trust_remote_code, progress=stage("train"), validated=filtered_sha)
+    training = train(train_path, config=run, out=run_dir, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
 
     # 3. audit -------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    audited = run_audit(model=model_spec, adapter=training.adapter_dir, policy=policy, out=run_dir / "audit",
-                        quantization=cfg.quantization, trust_remote_code=trust_remote_code, progress=stage("audit"))
+    audited = run_audit(adapter=training.adapter_dir, config=run, out=run_dir / "audit",
+                        quantization=run.training.quantization, progress=stage("audit"))
     timings["audit"] = time.perf_counter() - t0
 
     # 4. gate --------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    decision = decide(audited.report, policy)
+    decision = decide(audited.report, run)
     decision.write(run_dir / "gate.json")
     write_html(audited.out_dir)  # re-render so the reviewer's page shows the decision beside the numbers
     timings["gate"] = time.perf_counter() - t0
 
     # 5. release or quarantine ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    metrics = training.metrics
     published = publish(
         run_dir, decision, run_id=run_id, adapter_dir=training.adapter_dir, report_dir=audited.out_dir,
         extra_files={"train_metrics.json": training.metrics_path, "validation.json": run_dir / "validation.json"},
         manifest_fields={
             "dataset": {"path": str(dataset), "sha256": validation.sha256, "filtered_sha256": filtered_sha,
                         "n_records": validation.n_records, "n_dropped": len(validation.dropped_lines)},
-            "base_model": {k: metrics["model"][k] for k in ("spec", "revision", "weights_sha256")},
-            "seeds": {**metrics["seeds"], **audited.report["provenance"]["seeds"]},
-            "versions": metrics["versions"],
+            "base_model": training.base_model,
+            "seeds": {**training.metrics["seeds"], **audited.seeds},
+            "versions": training.metrics["versions"],
             "timestamps": timestamps,
-            "training": {k: metrics[k] for k in ("objective", "reference", "steps", "train_loss")},
+            "training": training.summary,
         },
-        release_config=release_config(policy))
+        release_config=run.release)
     timings["release"] = time.perf_counter() - t0
     return RunResult(run_id=run_id, run_dir=run_dir, verdict=decision.verdict, published_dir=published,
                      validation=validation, training=training, audit=audited, decision=decision,

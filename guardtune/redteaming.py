@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from .auditing import audit
 from .cache import json_path, read_json, write_json
-from .config import ATTACKS, RedteamConfig, as_dict, redteam_config, resolve_stage
+from .config import ATTACKS, RedteamConfig, as_dict, resolve_stage
 from .errors import ConfigError, did_you_mean
 from .evalsets import load_harmful, load_refusals, sample
 from .gate import decide
@@ -257,7 +257,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
     for objective in objectives:
         if objective not in OBJECTIVES:
             raise ConfigError(f"Unknown objective {objective!r}; use {', '.join(OBJECTIVES)}.")
-    policy, cfg, mcfg = resolve_stage(redteam_config, config, policy, model, overrides)
+    policy, cfg, mcfg = resolve_stage("redteam", config, policy, model, overrides)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     audit_options = {"harmful_set": cfg.audit_set, "sample_harmful": cfg.audit_harmful, "sample_benign": cfg.audit_benign,

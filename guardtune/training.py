@@ -20,7 +20,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import losses
-from .config import TrainConfig, as_dict, resolve_stage, train_config
+from .config import RunConfig, TrainConfig, as_dict, resolve_stage
 from .dataset import iter_records, validate_dataset
 from .errors import DatasetError
 from .generation import generate
@@ -51,6 +51,16 @@ class TrainResult:
     @property
     def reference_kind(self) -> str:
         return self.metrics["reference"]
+
+    @property
+    def base_model(self) -> dict[str, Any]:
+        """The base the adapter was trained on: spec, revision (hub commit or None), weights_sha256."""
+        return {k: self.metrics["model"][k] for k in ("spec", "revision", "weights_sha256")}
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """objective, reference, steps, train_loss: what a release manifest records about training."""
+        return {k: self.metrics[k] for k in ("objective", "reference", "steps", "train_loss")}
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "adapter_dir": str(self.adapter_dir),
@@ -395,15 +405,17 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
     )
 
 
-def train(dataset: str | Path, model: str | None = None, config: TrainConfig | Policy | str | None = None,
+def train(dataset: str | Path, model: str | None = None,
+          config: TrainConfig | RunConfig | Policy | str | None = None,
           out: str | Path = "guardtune-train", *, policy: Policy | str | None = None,
           trust_remote_code: bool | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
           progress: Callable[[str, int, int], None] | None = None, validated: bool | str = False,
           **overrides: Any) -> TrainResult:
     """Fine-tune `model` on `dataset` (JSONL) with LoRA/QLoRA; write DIR/adapter and DIR/train_metrics.json.
 
-    `config` is a TrainConfig, a Policy, or a policy name/path (default: the shipped default policy); with a
-    TrainConfig, `policy` supplies the dataset limits and model settings. Keyword `overrides` (objective=,
+    `config` is a RunConfig (its training, dataset and model sections; what `finetune()` passes), a TrainConfig
+    (then `policy` supplies the dataset limits and model settings), a Policy, or a policy name/path (default: the
+    shipped default policy). Keyword `overrides` (objective=,
     quantization=, epochs=, max_steps=, learning_rate=, ...) replace single TrainConfig fields. `resume=True`
     continues from the newest checkpoint in DIR/checkpoints. `progress` is called as progress(phase, done, total)
     for the reference precompute and each optimizer step. `validated` skips re-validating a file the caller has
@@ -414,9 +426,7 @@ def train(dataset: str | Path, model: str | None = None, config: TrainConfig | P
     started = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy, cfg, mcfg = resolve_stage(train_config, config, policy, model, overrides)
-    if trust_remote_code is not None:
-        mcfg.trust_remote_code = trust_remote_code
+    policy, cfg, mcfg = resolve_stage("training", config, policy, model, overrides, trust_remote_code)
     for note in cfg.warnings():
         logger.warning(note)
 

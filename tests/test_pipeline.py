@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from guardtune.errors import DatasetError
 from guardtune.pipeline import finetune
+from guardtune.policy import Policy
 from guardtune_cli.main import main
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "support_replies.jsonl"
@@ -52,12 +54,17 @@ IMPOSSIBLE_GATE = """  min_scored_prompts: 1
   max_judge_error_rate: 0.0"""
 
 
-def test_finetune_pass_releases_with_every_artifact(tiny_model_dir, tmp_path):
+def test_finetune_pass_releases_with_every_artifact(tiny_model_dir, tmp_path, monkeypatch):
     policy = tiny_policy(tmp_path, tiny_model_dir, PASSING_GATE, "pass")
     stages = []
+    # The policy becomes configuration once (RunConfig.from_policy): each section is read exactly once per job.
+    reads = Counter()
+    read_section = Policy.section
+    monkeypatch.setattr(Policy, "section", lambda self, name: reads.update([name]) or read_section(self, name))
     run = finetune(EXAMPLE, policy=str(policy), out=tmp_path / "run",
                    progress=lambda stage, phase, done, total: stages.append(stage))
     assert run.verdict == "pass" and run.released and run.exit_code == 0
+    assert reads == dict.fromkeys(("model", "dataset", "training", "audit", "gate", "release"), 1), reads
     root = tmp_path / "run"
     for name in ("validation.json", "adapter/adapter_model.safetensors", "train_metrics.json",
                  "audit/report.json", "audit/samples.jsonl", "audit/report.html", "gate.json"):

@@ -8,7 +8,7 @@ from importlib import resources
 import jsonschema
 import pytest
 
-from guardtune.config import configs_from_policy
+from guardtune.config import RunConfig
 from guardtune.policy import load_policy, shipped_policies
 
 SCHEMAS = sorted(p.name for p in resources.files("guardtune").joinpath("schemas").iterdir()
@@ -30,10 +30,10 @@ def test_schema_is_valid_draft_2020_12(name):
 @pytest.mark.parametrize("name", sorted(shipped_policies()))
 def test_shipped_policy_builds_every_stage_config(name):
     policy = load_policy(name)
-    configs = configs_from_policy(policy)
-    assert set(configs) == {"model", "dataset", "training", "audit", "gate", "release"}
-    assert configs["training"].objective == "constrained"
-    assert configs["training"].betas == (0.5, 2.0, 2.0, 2.0, 2.0) and configs["training"].beta_tail == 0.1
-    assert configs["training"].adam_betas == (0.5, 0.999) and configs["training"].warmup_steps == 10
-    assert configs["audit"].prefill_k == (0, 5, 10, 20, 40)
-    assert configs["gate"].max_judge_error_rate == 0.0
+    run = RunConfig.from_policy(policy)
+    assert run.policy is policy
+    assert run.training.objective == "constrained"
+    assert run.training.betas == (0.5, 2.0, 2.0, 2.0, 2.0) and run.training.beta_tail == 0.1
+    assert run.training.adam_betas == (0.5, 0.999) and run.training.warmup_steps == 10
+    assert run.audit.prefill_k == (0, 5, 10, 20, 40)
+    assert run.gate.max_judge_error_rate == 0.0
