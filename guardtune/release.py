@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -215,7 +216,13 @@ def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str
         parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # someone published the same id while we were copying
             raise GuardtuneError(f"{final} appeared while publishing; a published run is never overwritten.")
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)  # POSIX: fails on a non-empty directory, so a release that won the race stays
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise GuardtuneError(f"{final} appeared while publishing (another publish of run id {run_id!r} won the "
+                                 f"race); a published run is never overwritten. Nothing of this one was kept.")
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

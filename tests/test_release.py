@@ -125,6 +125,21 @@ def test_failure_mid_publish_leaves_nothing(run, monkeypatch, target):
     assert leftovers(run) == []
 
 
+def test_a_publish_that_loses_the_rename_race_is_an_error_and_the_winner_stays(run, monkeypatch):
+    real_rename = release.os.rename
+
+    def another_publish_wins(src, dst):  # the same run id lands between the exists() check and the rename
+        Path(dst).mkdir(parents=True)
+        (Path(dst) / "manifest.json").write_text("the winner")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(release.os, "rename", another_publish_wins)
+    with pytest.raises(GuardtuneError, match="won the race"):
+        do_publish(run)
+    assert (run / "release" / "job-1" / "manifest.json").read_text() == "the winner"
+    assert leftovers(run) == []
+
+
 def test_failure_keeps_an_existing_release_folder(run, monkeypatch):
     do_publish(run, run_id="old")
     monkeypatch.setattr(release.os, "rename", lambda src, dst: (_ for _ in ()).throw(OSError("boom")))
