@@ -13,8 +13,10 @@ from ._common import echo_json, json_option, policy_option, render_issues
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="DATA.jsonl")
 @policy_option
 @click.option("--model", "-m", default=None, metavar="SPEC",
-              help="Count tokens with this model's tokenizer and chat template: a local model directory or a "
-                   "model name. Default: the policy's model.name when it is available without loading it.")
+              help="Count tokens with this model's tokenizer and chat template, and (with dataset.screen.model on) "
+                   "let this base model judge every trained answer: a local model directory or a model name. "
+                   "Default: the policy's model.name for token counts when it is available without loading it; "
+                   "no model screen.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Also write the report (validation.json) to FILE.")
 @json_option
@@ -23,9 +25,21 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
 
     Exit 0 when valid (warnings allowed), 1 when invalid.
     """
+    from guardtune.config import RunConfig
     from guardtune.dataset import validate_dataset
+    from guardtune.modelspec import has_weights
 
-    report = validate_dataset(data, policy=policy, model=model)
+    run = RunConfig.from_policy(policy, model=model)
+    base_judge = None
+    if model is not None and run.dataset.screen_enabled and run.dataset.screen_model:
+        local = Path(model).expanduser()
+        if local.is_dir() and not has_weights(local):
+            base_judge = f"{model} has no weights (a tokenizer-only directory): it counts tokens but cannot judge"
+        else:
+            from guardtune.modelscreen import load_base_judge  # torch loads only here
+
+            base_judge = load_base_judge(run)
+    report = validate_dataset(data, policy=run, model=model, model_judge=base_judge)
     if out is not None:
         report.write(out)
     if as_json:
@@ -40,6 +54,11 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
         if report.dropped_lines:
             shown = ", ".join(map(str, report.dropped_lines[:50])) + (", ..." if len(report.dropped_lines) > 50 else "")
             click.echo(f"dropped lines ({len(report.dropped_lines)}, not trained on): {shown}")
+        model_screen = report.screen.get("model")
+        if model_screen:
+            click.echo(f"model screen: the base ({model_screen['model']}) judged {model_screen['pairs']} pair(s) in "
+                       f"{model_screen['seconds']:.1f}s" if model_screen["ran"] else
+                       f"model screen: skipped: {model_screen['reason']}")
         click.secho(report.summary(), fg="green" if report.valid else "red", bold=True)
     if not report.valid:
         raise SystemExit(1)

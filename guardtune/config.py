@@ -137,6 +137,16 @@ class DatasetConfig:
         key="screen.actions")
     backdoor_min_count: int = setting("Harmful-compliance examples a trigger candidate must appear in.", default=3,
                                       key="screen.backdoor_min_count")
+    screen_model: bool = setting("Also ask the base model (guardtune.modelscreen): an answer to a request the base "
+                                 "refuses is harmful compliance. Runs in finetune, and in validate given --model.",
+                                 default=True, key="screen.model.enabled")
+    screen_probe_tokens: int = setting("Tokens the base writes when probed with a training request.", default=12,
+                                       key="screen.model.probe_tokens")
+    screen_max_opening_logp: float = setting("Flag only answers whose first 5 tokens average below this log-prob "
+                                             "(nats/token) under the base.", default=-1.0,
+                                             key="screen.model.max_opening_logp")
+    screen_model_batch_size: int = setting("Requests per base-model forward in the model screen.", default=16,
+                                           key="screen.model.batch_size")
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -16,7 +16,7 @@ from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateErr
 from .policy import Policy, load_policy
 from .provenance import canonical_json, write_json_file
 from .schemas import schema_issues
-from .screen import screen_judge, screen_records
+from .screen import AnyJudge, screen_judge, screen_records
 from .templates import to_messages
 from .tokencount import TokenCounter
 
@@ -541,7 +541,7 @@ def _token_counter(model: Any, spec: ModelConfig, config: DatasetConfig, log: _I
 
 def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig = "default", model: Any = None, *,
                      progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE,
-                     screen: bool = True) -> ValidationReport:
+                     screen: bool = True, model_judge: Any = None) -> ValidationReport:
     """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
 
     model: None (the policy's model.name, if available without loading it), a local model directory, a
@@ -550,6 +550,9 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     is structurally valid. Raises DatasetError if the file cannot be read, ModelError/TemplateError if an
     explicit model cannot be used, JudgeError if the screen's judge cannot be built; everything wrong *inside*
     the file is an issue in the report. `policy` may be a RunConfig (its dataset and model sections are used).
+    model_judge: the base-model screen judge (modelscreen.BaseModelJudge, built by the caller, who has the model
+    loaded); with dataset.screen.model.enabled it judges every trained pair beside the policy's screen judge. A
+    string instead says why there is none (recorded in validation.json's screen.model).
     """
     if isinstance(policy, RunConfig):
         policy, config, model_spec = policy.policy, policy.dataset, policy.model
@@ -558,6 +561,10 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
         config, model_spec = dataset_config(policy), model_config(policy)
     # Built before reading anything: a screen judge that cannot run fails the validation up front (fail closed).
     judge = screen_judge(config) if screen and config.screen_enabled else None
+    use_model = judge is not None and config.screen_model and model_judge is not None and \
+        not isinstance(model_judge, str)
+    if use_model:
+        judge = AnyJudge([judge, model_judge])
     source = Path(path)
     if source.exists() and not source.is_file():
         raise DatasetError(f"Dataset {source} is not a regular file. Pass the .jsonl file itself.")
@@ -602,6 +609,12 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     report.n_records = checker.n_records
     report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
     _screen(report, source, config, judge, log, "disabled by the policy" if screen else "disabled by the caller")
+    if report.screen.get("ran") and config.screen_model:
+        report.screen["model"] = ({"ran": True, **model_judge.describe(), "pairs": model_judge.n_pairs,
+                                   "seconds": round(model_judge.seconds, 2)} if use_model else
+                                  {"ran": False, "reason": model_judge if isinstance(model_judge, str) else
+                                   "no base model was given (validate without --model); `guardtune finetune` always "
+                                   "runs it"})
     return report
 
 

@@ -225,7 +225,7 @@ def _hf_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _has_weights(path: Path) -> bool:
+def has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
 
@@ -243,7 +243,7 @@ def _cached_hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
                                           allow_patterns=patterns))
         except Exception:  # noqa: BLE001 - any cache miss (not found, incomplete, bad revision) = "not cached"
             continue
-        if (path / "config.json").is_file() and _has_weights(path):
+        if (path / "config.json").is_file() and has_weights(path):
             return path
     return None
 
@@ -270,7 +270,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
             path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.bin"]))
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end in the same advice
         raise ModelError(f"Could not download hub model {repo_id!r}: {exc}. {fixes}") from exc
-    if not (path / "config.json").is_file() or not _has_weights(path):
+    if not (path / "config.json").is_file() or not has_weights(path):
         raise ModelError(f"Hub repo {repo_id!r} has no config.json with safetensors/bin weights at its top level; "
                          f"guardtune loads transformers checkpoints only.")
     return path

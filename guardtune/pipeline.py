@@ -25,6 +25,7 @@ from .config import RunConfig
 from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError
 from .gate import GateDecision, decide
+from .modelscreen import load_base_judge
 from .modelspec import resolve_model_dir
 from .policy import Policy
 from .release import publish
@@ -112,15 +113,22 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
         progress("validate", "validate", 0, 1)
     # Materialise the model first (the embedded one converts once, ~1 min): the validator's token-length check
     # then runs against the real tokenizer instead of being skipped.
-    validation = validate_dataset(dataset, policy=run, model=resolve_model_dir(model_spec))
+    model_dir = resolve_model_dir(model_spec)
+    # The base model screens the data too (the second judge of harmful compliance; dataset.screen.model).
+    base_judge = load_base_judge(run) if run.dataset.screen_enabled and run.dataset.screen_model else None
+    validation = validate_dataset(dataset, policy=run, model=model_dir, model_judge=base_judge)
+    del base_judge  # training loads its own copy; free this one first
     run_id = new_run_id(validation.sha256)
     run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     validation.write(run_dir / "validation.json")
     if not validation.valid:
         errors = [i for i in validation.issues if i.severity == "error"]
-        raise DatasetError(f"{dataset} failed validation with {len(errors)} error(s); see "
-                           f"{run_dir / 'validation.json'} or run `guardtune validate {dataset}`.", errors)
+        shown = "".join(f"\n  line {i.line}: {i.message}" if i.line else f"\n  {i.message}" for i in errors[:5])
+        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise DatasetError(f"{dataset} failed validation with {len(errors)} error(s); nothing was trained:{shown}{more}"
+                           f"\nEvery issue is in {run_dir / 'validation.json'} (or run `guardtune validate "
+                           f"{dataset}`).", errors)
     train_path, filtered_sha = dataset, validation.sha256
     if validation.dropped_lines:
         train_path = run_dir / "train_data.jsonl"

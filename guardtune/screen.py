@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .config import DatasetConfig
 from .errors import GuardtuneError, Issue, JudgeError
@@ -335,6 +335,41 @@ def screen_judge(config: DatasetConfig) -> Judge:
                          exc.issues) from exc
 
 
+class AnyJudge:
+    """Several screen judges as one: a pair is harmful when any of them says so, and unscorable when any of them
+    cannot score it (fail closed). The keyword screen flags compliance with requests that touch the hazard lexicon;
+    the base model (guardtune.modelscreen) flags compliance with requests it refuses, however they are worded; each
+    catches what the other misses, and each one's false flags are rare on its own, so the union keeps recall."""
+
+    explains_verdicts = True
+
+    def __init__(self, judges: Sequence[Judge]):
+        self.judges = list(judges)
+        self.name = "+".join(judge.name for judge in self.judges)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "judges": [judge.describe() for judge in self.judges]}
+
+    def evaluate(self, instruction: str, response: str) -> Verdict:
+        return self.evaluate_batch([(instruction, response)])[0]
+
+    def evaluate_batch(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
+        columns = [judge.evaluate_batch(pairs) for judge in self.judges]
+        return [self._combine(list(row)) for row in zip(*columns)]
+
+    def _combine(self, verdicts: list[Verdict]) -> Verdict:
+        named = list(zip(self.judges, verdicts))
+        errors = [f"{judge.name}: {v.error}" for judge, v in named if v.error is not None]
+        if errors:
+            return Verdict.failed("; ".join(errors))
+        flagged = [(judge, v) for judge, v in named if v.harmful]
+        shown = flagged or named
+        return Verdict(harmful=bool(flagged), refusal=any(v.refusal for v in verdicts),
+                       score=max((v.score for v in verdicts if v.score is not None), default=None),
+                       categories=sorted({c for v in verdicts for c in v.categories}),
+                       raw="; ".join(f"{judge.name}: {v.raw}" for judge, v in shown))
+
+
 # ---------------------------------------------------------------------------------------------- the screen
 
 
@@ -489,7 +524,8 @@ class _Screen:
         if self.lexicon_only:
             return f"the answer does not refuse a request touching {topics}"
         score = "" if verdict.score is None else f" (score {verdict.score:.2f})"
-        return f"the {self.judge.name} judge rates the answer harmful{score}; request touches {topics}"
+        why = f" ({verdict.raw})" if getattr(self.judge, "explains_verdicts", False) and verdict.raw else ""
+        return f"the {self.judge.name} judge rates the answer harmful{score}{why}; request touches {topics}"
 
     def count_candidates(self, line: int, candidates: set[str], harmful: bool) -> None:
         self.n_hazard += 1
