@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .judges import is_refusal
 from .templates import render_prompt, response_ids
 
 Progress = Callable[[str, int, int], None]
@@ -72,6 +73,23 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
             on_batch(len(indices))
     outputs = [by_index[i] for i in range(len(prompts))]
     return outputs
+
+
+def refusal_probe(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> list[tuple[bool, str]]:
+    """(refused, text) per prompt: the model's greedy continuation (eval mode, no grad; the caller's mode is
+    restored), judged by the shipped refusal phrases. Identical prompts are generated once. How training finds the
+    prompts the reference refuses (constraint_scope 'refused') and how the model screen asks the base."""
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    was_training = model.training
+    model.eval()
+    try:
+        generated = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, on_batch=on_batch)
+    finally:
+        model.train(was_training)
+    texts = {p: tokenizer.decode(r, skip_special_tokens=True) for p, r in zip(unique, generated)}
+    return [(is_refusal(texts[tuple(p)]), texts[tuple(p)]) for p in prompts]
 
 
 def counting(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:

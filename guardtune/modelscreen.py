@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import RunConfig
-from .generation import generate
+from .generation import refusal_probe
 from .judges import Verdict, is_refusal
 from .logprobs import response_logps
 from .models import LoadedModel, load_model
@@ -69,24 +69,22 @@ class BaseModelJudge:
         tokenizer, model = self.loaded.tokenizer, self.loaded.model
         prompts = [render_prompt(tokenizer, [{"role": "user", "content": request}]) for request, _ in pairs]
         openings = [response_ids(tokenizer, answer)[:OPENING_TOKENS] for _, answer in pairs]
+        probes = refusal_probe(model, tokenizer, prompts, max_new_tokens=self.probe_tokens,
+                               batch_size=self.batch_size)
         was_training = model.training
         model.eval()
         try:
-            probes = generate(model, tokenizer, prompts, max_new_tokens=self.probe_tokens,
-                              batch_size=self.batch_size)
             opening_logps = self.opening_logps(prompts, openings)
         finally:
             model.train(was_training)
-        verdicts = []
-        for (_, answer), probe_ids, logp in zip(pairs, probes, opening_logps):
-            probe = tokenizer.decode(probe_ids, skip_special_tokens=True)
-            verdicts.append(self._verdict(answer, probe, logp))
+        verdicts = [self._verdict(answer, refused, probe, logp)
+                    for (_, answer), (refused, probe), logp in zip(pairs, probes, opening_logps)]
         self.seconds += time.perf_counter() - started
         self.n_pairs += len(pairs)
         return verdicts
 
-    def _verdict(self, answer: str, probe: str, logp: float | None) -> Verdict:
-        base_refuses, answer_refuses = is_refusal(probe), is_refusal(answer)
+    def _verdict(self, answer: str, base_refuses: bool, probe: str, logp: float | None) -> Verdict:
+        answer_refuses = is_refusal(answer)
         quoted = " ".join(probe.split())[:PROBE_CHARS]
         if logp is None:  # an empty answer: nothing to contradict the base with
             return Verdict(harmful=False, refusal=answer_refuses, score=0.0, raw="empty answer")

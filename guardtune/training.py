@@ -23,8 +23,7 @@ from . import losses
 from .config import RunConfig, TrainConfig, as_dict, resolve_stage
 from .dataset import iter_records, validate_dataset
 from .errors import DatasetError
-from .generation import generate
-from .judges import is_refusal
+from .generation import refusal_probe
 from .logprobs import logit_softcap, output_head, response_logps
 from .models import attach_lora, load_model, reference
 from .policy import Policy
@@ -93,27 +92,23 @@ def reference_refusals(model: torch.nn.Module, tokenizer: Any, examples: Sequenc
     continuation of everything before the example's first trained response token, judged by the keyword judge's
     refusal phrases. Identical prompts are generated once; `replies`, when given, receives one
     {"refused", "reply"} per distinct prompt, so a reviewer can see what was called a refusal."""
-    prompts = [tuple(e["input_ids"][:e["completion_mask"].index(1)]) for e in examples]
-    unique = list(dict.fromkeys(prompts))
+    prompts = [e["input_ids"][:e["completion_mask"].index(1)] for e in examples]
+    n_unique = len({tuple(p) for p in prompts})
     done = [0]
 
     def on_batch(n: int) -> None:
         done[0] += n
         if progress:
-            progress(done[0], len(unique))
+            progress(done[0], n_unique)
 
-    was_training = model.training
-    model.eval()
-    try:
-        generated = generate(model, tokenizer, [list(p) for p in unique], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, on_batch=on_batch)
-    finally:
-        model.train(was_training)
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in generated]
-    refused = {p: is_refusal(text) for p, text in zip(unique, texts)}
+    probed = refusal_probe(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           on_batch=on_batch)
     if replies is not None:
-        replies.extend({"refused": refused[p], "reply": text} for p, text in zip(unique, texts))
-    return [refused[p] for p in prompts]
+        seen = {}
+        for p, (refused, text) in zip(prompts, probed):
+            seen.setdefault(tuple(p), {"refused": refused, "reply": text})
+        replies.extend(seen.values())
+    return [refused for refused, _ in probed]
 
 
 def _render_examples(tokenizer: Any, records: Iterable[tuple[int, list[dict]]], max_length: int) -> list[dict]:

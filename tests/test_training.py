@@ -278,7 +278,7 @@ def test_direction_constrained_moves_first_tokens_several_times_less_than_sft(em
 def test_refused_scope_probes_each_distinct_prompt_once(tiny_model_dir, monkeypatch):
     """reference_refusals generates once per distinct prompt (everything before the first trained token) and
     judges the reply by refusal phrases."""
-    import guardtune.training
+    import guardtune.generation
     from guardtune.models import load_model
     from guardtune.training import reference_refusals
 
@@ -294,7 +294,7 @@ def test_refused_scope_probes_each_distinct_prompt_once(tiny_model_dir, monkeypa
         return [tok.encode("I'm sorry, but I can't help with that.") if p[0] == 1 else tok.encode("Sure, here")
                 for p in prompts]
 
-    monkeypatch.setattr(guardtune.training, "generate", fake_generate)
+    monkeypatch.setattr(guardtune.generation, "generate", fake_generate)
     replies = []
     assert reference_refusals(loaded.model, tok, examples, max_new_tokens=8, replies=replies) == [True, True, False]
     assert seen == [[[1, 2, 3], [4, 5]]]
