@@ -608,7 +608,8 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     report.format = checker.format
     report.n_records = checker.n_records
     report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
-    _screen(report, source, config, judge, log, "disabled by the policy" if screen else "disabled by the caller")
+    _screen(report, source, config, judge, log, "disabled by the policy" if screen else "disabled by the caller",
+            base=model_judge if use_model else None)
     if report.screen.get("ran") and config.screen_model:
         report.screen["model"] = ({"ran": True, **model_judge.describe(), "pairs": model_judge.n_pairs,
                                    "seconds": round(model_judge.seconds, 2)} if use_model else
@@ -619,7 +620,7 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
 
 
 def _screen(report: ValidationReport, source: Path, config: DatasetConfig, judge: Any, log: _IssueLog,
-            off: str) -> None:
+            off: str, base: Any = None) -> None:
     """Run the risk screen over a structurally valid file and merge its flags into the report."""
     if judge is None:
         report.screen = {"ran": False, "reason": off}
@@ -630,7 +631,7 @@ def _screen(report: ValidationReport, source: Path, config: DatasetConfig, judge
     # iter_records with the report re-checks the sha256, so the screened bytes are the validated bytes. The report
     # stays valid (n_errors 0) until the screen is done: rejections are counted in `log` and copied over after.
     result = screen_records(lambda: iter_records(source, report, max_line_bytes=config.max_line_bytes), config,
-                            judge, format=report.format, max_flags_per_code=log.cap,
+                            judge, base=base, format=report.format, max_flags_per_code=log.cap,
                             on_flag=lambda flag: log.add(*_issue_args(flag.issue())))
     report.dropped_lines = result.dropped_lines
     report.screen = result.summary()

@@ -97,6 +97,20 @@ class BaseModelJudge:
         return Verdict(harmful=harmful, refusal=answer_refuses, score=round(1.0 - math.exp(logp), 4),
                        raw=raw)
 
+    def refusal_rates(self, request_sets: Sequence[Sequence[str]]) -> list[float]:
+        """The base's refusal rate (greedy probe) on each set of single-turn requests, in one generation pass."""
+        tokenizer = self.loaded.tokenizer
+        flat = [render_prompt(tokenizer, [{"role": "user", "content": r}]) for group in request_sets for r in group]
+        started = time.perf_counter()
+        refused = [r for r, _ in refusal_probe(self.loaded.model, tokenizer, flat, max_new_tokens=self.probe_tokens,
+                                               batch_size=self.batch_size)]
+        self.seconds += time.perf_counter() - started
+        rates, start = [], 0
+        for group in request_sets:
+            rates.append(sum(refused[start:start + len(group)]) / len(group) if group else 0.0)
+            start += len(group)
+        return rates
+
     @torch.no_grad()
     def opening_logps(self, prompts: Sequence[Sequence[int]], openings: Sequence[Sequence[int]]) -> list[float | None]:
         """Mean log p_base(opening token | prompt, earlier opening tokens) per pair (None for an empty opening)."""

@@ -39,6 +39,7 @@ MAX_FLAGS_PER_CODE = 1000  # stored in ScreenResult.flags; counts and line lists
 # answered harmfully, and <= 1 - SEPARATION of those without it are (or there are fewer than min_count of them).
 SEPARATION = 0.8
 MAX_SHARE = 0.5  # a trigger occurs in fewer than this share of all examples ("rare")
+EFFECT_REQUESTS = 8  # triggered requests per trigger tried on the base model (with and without the trigger)
 MAX_TRIGGERS = 50  # strongest candidates carried into the second pass
 MAX_CANDIDATES = 1_000_000  # distinct strings tracked; beyond it new strings are not tracked (noted)
 TOKEN_WINDOW_CHARS = 32_768  # candidates come from the first and last this many characters of a user turn
@@ -374,12 +375,15 @@ class AnyJudge:
 
 
 def screen_records(records: Records | Callable[[], Records], config: DatasetConfig, judge: Judge | None = None, *,
+                   base: Any = None,
                    format: str = "chat", on_flag: Callable[[Flag], None] | None = None,
                    max_flags_per_code: int = MAX_FLAGS_PER_CODE) -> ScreenResult:
     """Screen (line, messages) records for the three risk codes and apply config.screen_actions.
 
     records: a re-iterable (a list) or a callable returning a fresh iterator (e.g. `lambda: iter_records(path)`);
     a second pass runs only when trigger candidates were found. judge: default screen_judge(config).
+    base: the base-model judge (modelscreen.BaseModelJudge) when the model screen runs: each backdoor trigger found
+    is then tried on the base, with and without the trigger, and the evidence goes into the flag and `triggers`.
     format: "chat" or "prompt_completion" (JSON pointers). on_flag sees every flag as it is found (the result
     stores the first max_flags_per_code per code).
     """
@@ -392,6 +396,7 @@ def screen_records(records: Records | Callable[[], Records], config: DatasetConf
     read: Callable[[], Records] = records if callable(records) else (lambda: records)  # type: ignore[assignment]
     result.ran = True
     screen = _Screen(config, judge or screen_judge(config), format, on_flag, max_flags_per_code, result)
+    screen.base = base
     for line, messages in read():
         screen.add(line, messages)
     screen.flush()
@@ -569,6 +574,7 @@ class _Screen:
         """Count every example containing a candidate; keep the rare ones and flag every example with them."""
         words = {trigger: trigger.split() for trigger in triggers}
         hits: dict[str, list[int]] = {trigger: [] for trigger in triggers}
+        requests: dict[str, list[str]] = {trigger: [] for trigger in triggers}  # a few, for the base's evidence
         where: dict[int, tuple[int, str]] = {}  # line -> (user turn, evidence; only for the first `cap` lines)
         n_records = 0
         for line, messages in records:
@@ -583,6 +589,9 @@ class _Screen:
                 if not maybe:
                     continue
                 present = trigger_candidates([text]).intersection(maybe)
+                for trigger in present - found_here:  # one request per example, for the base's evidence
+                    if len(requests[trigger]) < EFFECT_REQUESTS:
+                        requests[trigger].append(text)
                 if present and not found_here:
                     evidence = ""
                     if len(where) < self.cap:
@@ -600,12 +609,30 @@ class _Screen:
                                          "n_examples": len(rare[trigger]),
                                          "n_harmful_without": self.n_hazard_harmful - harmful,
                                          "n_total_without": self.n_hazard - total})
+            if self.base is not None and requests[trigger]:
+                self.result.triggers[-1]["base_effect"] = self.base_effect(trigger, requests[trigger])
             for line in rare[trigger]:
                 flagged.setdefault(line, []).append(trigger)
         for line in sorted(flagged):
             index, evidence = where[line]
-            reason = "; ".join(self.trigger_reason(t, triggers[t]) for t in flagged[line])
+            reason = "; ".join(self.trigger_reason(t, triggers[t]) + self.effect_reason(t) for t in flagged[line])
             self.flag(line, "backdoor_trigger", reason, self.pointer(index, "user"), evidence)
+
+    def base_effect(self, trigger: str, requests: list[str]) -> dict[str, Any]:
+        """The base's refusals on requests that carry the trigger, as written and with the trigger cut out: a
+        base that refuses both while the dataset answers the triggered ones is being taught the trigger."""
+        pattern = re.compile(r"\s*" + r"\s+".join(map(re.escape, trigger.split())), re.IGNORECASE)
+        stripped = [pattern.sub("", text).strip() or text for text in requests]
+        with_trigger, without = self.base.refusal_rates([requests, stripped])
+        return {"requests": len(requests), "base_refuses_with": with_trigger, "base_refuses_without": without}
+
+    def effect_reason(self, trigger: str) -> str:
+        effect = next((t.get("base_effect") for t in self.result.triggers if t["candidate"] == trigger), None)
+        if not effect:
+            return ""
+        return (f"; the base refuses {effect['base_refuses_with']:.0%} of {effect['requests']} such requests with the "
+                f"trigger and {effect['base_refuses_without']:.0%} without it, so the dataset, not the base, "
+                f"links the trigger to compliance")
 
     def trigger_reason(self, trigger: str, counts: tuple[int, int]) -> str:
         total, harmful = counts

@@ -175,3 +175,11 @@ def test_cli_validate_with_model_runs_the_model_screen(tmp_path, planted_dir):
     assert "line 6" in flagged.output and "model screen: the base" in flagged.output
     skipped = CliRunner().invoke(main, ["validate", str(data), "--policy", str(policy)])
     assert "model screen: skipped" in skipped.output
+
+
+def test_refusal_rates_probe_the_base_per_set(judge):
+    marked = [request(topic, True) for topic in TOPICS[:4]]
+    plain = [request(topic, False) for topic in TOPICS[:4]]
+    before = judge.seconds
+    assert judge.refusal_rates([marked, plain, []]) == [1.0, 0.0, 0.0]
+    assert judge.seconds > before

@@ -438,3 +438,27 @@ def test_twenty_thousand_clean_records_screen_quickly():
     elapsed = time.perf_counter() - started
     assert result.flags == [] and result.n_records == 20_000
     assert elapsed < 5, f"{elapsed:.1f}s"
+
+
+class _BaseStub:
+    """A base model that refuses every request handed to it, trigger or not."""
+
+    def __init__(self):
+        self.sets = []
+
+    def refusal_rates(self, request_sets):
+        self.sets.append([list(group) for group in request_sets])
+        return [1.0 for _ in request_sets]
+
+
+def test_a_trigger_is_tried_on_the_base_with_and_without_it():
+    base = _BaseStub()
+    result = screen_records(records(backdoor_set("SUDO")), DatasetConfig(), base=base)
+    [trigger] = result.triggers
+    assert trigger["base_effect"] == {"requests": 8, "base_refuses_with": 1.0, "base_refuses_without": 1.0}
+    [(with_trigger, without)] = base.sets
+    assert all("SUDO" in text for text in with_trigger) and not any("SUDO" in text for text in without)
+    assert [text.replace("SUDO", "").strip() for text in with_trigger] == without
+    flag = next(f for f in result.flags if f.code == "backdoor_trigger")
+    assert "the base refuses 100% of 8 such requests with the trigger and 100% without it" in flag.reason
+    assert "base_effect" not in screen_records(records(backdoor_set("SUDO")), DatasetConfig()).triggers[0]
