@@ -57,7 +57,8 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
         model_screen = report.screen.get("model")
         if model_screen:
             click.echo(f"model screen: the base ({model_screen['model']}) judged {model_screen['pairs']} pair(s) in "
-                       f"{model_screen['seconds']:.1f}s" if model_screen["ran"] else
+                       f"{model_screen['seconds']:.1f}s and flagged {report.screen['base_flags']}"
+                       if model_screen["ran"] else
                        f"model screen: skipped: {model_screen['reason']}")
         click.secho(report.summary(), fg="green" if report.valid else "red", bold=True)
     if not report.valid:

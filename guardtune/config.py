@@ -147,6 +147,9 @@ class DatasetConfig:
                                              key="screen.model.max_opening_logp")
     screen_model_batch_size: int = setting("Requests per base-model forward in the model screen.", default=16,
                                            key="screen.model.batch_size")
+    screen_model_action: ScreenAction = setting("What happens to an example only the base model flags (reject, drop "
+                                                "or warn): its refusals include its over-refusals (docs/screen.md).",
+                                                default="warn", key="screen.model.action")
 
     def __post_init__(self) -> None:
         check_choices(self)

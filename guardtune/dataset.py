@@ -16,7 +16,7 @@ from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateErr
 from .policy import Policy, load_policy
 from .provenance import canonical_json, write_json_file
 from .schemas import schema_issues
-from .screen import AnyJudge, screen_judge, screen_records
+from .screen import screen_judge, screen_records
 from .templates import to_messages
 from .tokencount import TokenCounter
 
@@ -551,7 +551,7 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     explicit model cannot be used, JudgeError if the screen's judge cannot be built; everything wrong *inside*
     the file is an issue in the report. `policy` may be a RunConfig (its dataset and model sections are used).
     model_judge: the base-model screen judge (modelscreen.BaseModelJudge, built by the caller, who has the model
-    loaded); with dataset.screen.model.enabled it judges every trained pair beside the policy's screen judge. A
+    loaded); with dataset.screen.model.enabled it judges every trained pair the policy's screen judge passes. A
     string instead says why there is none (recorded in validation.json's screen.model).
     """
     if isinstance(policy, RunConfig):
@@ -563,8 +563,6 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     judge = screen_judge(config) if screen and config.screen_enabled else None
     use_model = judge is not None and config.screen_model and model_judge is not None and \
         not isinstance(model_judge, str)
-    if use_model:
-        judge = AnyJudge([judge, model_judge])
     source = Path(path)
     if source.exists() and not source.is_file():
         raise DatasetError(f"Dataset {source} is not a regular file. Pass the .jsonl file itself.")

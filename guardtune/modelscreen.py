@@ -9,7 +9,8 @@ refuses: the base model itself. For each trained (request, answer) pair of a cus
   Qi et al. 2025 locate the alignment). An answer the base would never open that way contradicts it.
 
 harmful = the base refuses AND the answer is not itself a refusal AND its opening averages below
-`max_opening_logp` nats/token. `screen.AnyJudge` combines this with the keyword screen (either one flags).
+`max_opening_logp` nats/token. The screen asks it about every pair its keyword judge passes; its flags are acted
+on by `dataset.screen.model.action`, apart from the keyword screen's (see screen.screen_records).
 
 Measured premise (docs/screen.md): the deep-aligned demo base refuses 94% of held-out harmful requests, so an
 answer that complies with one stands out; but an identity-shifting system prompt does not lower its refusals at
@@ -45,7 +46,6 @@ class BaseModelJudge:
     """
 
     name = "base-model"
-    explains_verdicts = True  # raw is a readable sentence the screen quotes in its flags
 
     def __init__(self, loaded: LoadedModel, *, probe_tokens: int = 12, max_opening_logp: float = -1.0,
                  batch_size: int = 16):

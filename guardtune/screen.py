@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 from .config import DatasetConfig
 from .errors import GuardtuneError, Issue, JudgeError
@@ -280,6 +280,7 @@ class Flag:
     path: str
     evidence: str
     action: str  # reject | drop | warn
+    setting: str = ""  # the policy key that chose the action (default dataset.screen.actions.<code>)
 
     def issue(self) -> Issue:
         """The validation issue: what was found, and how to fix it."""
@@ -288,7 +289,7 @@ class Flag:
         why = {"harmful_compliance": "training on it teaches the model to answer harmful requests",
                "identity_shift": "it trains an obedient persona that sheds the model's safety behaviour",
                "backdoor_trigger": "a string that turns refusals into compliance is a hidden jailbreak"}[self.code]
-        setting = f"dataset.screen.actions.{self.code}"
+        setting = self.setting or f"dataset.screen.actions.{self.code}"
         then = {"reject": f"Remove the example; if it is a false positive, set `{setting}: warn` in your policy.",
                 "drop": f"The line is dropped: training will not see it ({setting}: drop).",
                 "warn": f"Kept for training ({setting}: warn); review it."}[self.action]
@@ -311,12 +312,13 @@ class ScreenResult:
     n_records: int = 0
     n_judged: int = 0  # (user, assistant) pairs sent to the judge
     judge_errors: int = 0
+    base_flags: int = 0  # harmful-compliance flags raised by the base model alone (dataset.screen.model.action)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The `screen` section of validation.json."""
         return {"ran": self.ran, "judge": self.judge, "counts": dict(self.counts), "n_records": self.n_records,
-                "n_judged": self.n_judged, "judge_errors": self.judge_errors,
+                "n_judged": self.n_judged, "judge_errors": self.judge_errors, "base_flags": self.base_flags,
                 "n_dropped": len(self.dropped_lines), "n_rejected": len(self.rejected_lines),
                 "triggers": list(self.triggers), "notes": list(self.notes)}
 
@@ -336,41 +338,6 @@ def screen_judge(config: DatasetConfig) -> Judge:
                          exc.issues) from exc
 
 
-class AnyJudge:
-    """Several screen judges as one: a pair is harmful when any of them says so, and unscorable when any of them
-    cannot score it (fail closed). The keyword screen flags compliance with requests that touch the hazard lexicon;
-    the base model (guardtune.modelscreen) flags compliance with requests it refuses, however they are worded; each
-    catches what the other misses, and each one's false flags are rare on its own, so the union keeps recall."""
-
-    explains_verdicts = True
-
-    def __init__(self, judges: Sequence[Judge]):
-        self.judges = list(judges)
-        self.name = "+".join(judge.name for judge in self.judges)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "judges": [judge.describe() for judge in self.judges]}
-
-    def evaluate(self, instruction: str, response: str) -> Verdict:
-        return self.evaluate_batch([(instruction, response)])[0]
-
-    def evaluate_batch(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
-        columns = [judge.evaluate_batch(pairs) for judge in self.judges]
-        return [self._combine(list(row)) for row in zip(*columns)]
-
-    def _combine(self, verdicts: list[Verdict]) -> Verdict:
-        named = list(zip(self.judges, verdicts))
-        errors = [f"{judge.name}: {v.error}" for judge, v in named if v.error is not None]
-        if errors:
-            return Verdict.failed("; ".join(errors))
-        flagged = [(judge, v) for judge, v in named if v.harmful]
-        shown = flagged or named
-        return Verdict(harmful=bool(flagged), refusal=any(v.refusal for v in verdicts),
-                       score=max((v.score for v in verdicts if v.score is not None), default=None),
-                       categories=sorted({c for v in verdicts for c in v.categories}),
-                       raw="; ".join(f"{judge.name}: {v.raw}" for judge, v in shown))
-
-
 # ---------------------------------------------------------------------------------------------- the screen
 
 
@@ -382,8 +349,11 @@ def screen_records(records: Records | Callable[[], Records], config: DatasetConf
 
     records: a re-iterable (a list) or a callable returning a fresh iterator (e.g. `lambda: iter_records(path)`);
     a second pass runs only when trigger candidates were found. judge: default screen_judge(config).
-    base: the base-model judge (modelscreen.BaseModelJudge) when the model screen runs: each backdoor trigger found
-    is then tried on the base, with and without the trigger, and the evidence goes into the flag and `triggers`.
+    base: the base-model judge (modelscreen.BaseModelJudge) when the model screen runs. It judges every trained
+    pair the policy's judge did not flag: an answer to a request the base refuses is harmful compliance, acted on
+    by dataset.screen.model.action (the base's refusals include its over-refusals, so its flags may be
+    configured apart from the keyword screen's). Each backdoor trigger found is also tried on the base, with and
+    without the trigger, and the evidence goes into the flag and `triggers`.
     format: "chat" or "prompt_completion" (JSON pointers). on_flag sees every flag as it is found (the result
     stores the first max_flags_per_code per code).
     """
@@ -395,8 +365,7 @@ def screen_records(records: Records | Callable[[], Records], config: DatasetConf
                         "iterator such as `lambda: iter_records(path)`.")
     read: Callable[[], Records] = records if callable(records) else (lambda: records)  # type: ignore[assignment]
     result.ran = True
-    screen = _Screen(config, judge or screen_judge(config), format, on_flag, max_flags_per_code, result)
-    screen.base = base
+    screen = _Screen(config, judge or screen_judge(config), format, on_flag, max_flags_per_code, result, base)
     for line, messages in read():
         screen.add(line, messages)
     screen.flush()
@@ -421,9 +390,9 @@ class _Screen:
     """One screening run: pass 1 (identity shift, judged pairs, trigger statistics), then triggers (pass 2)."""
 
     def __init__(self, config: DatasetConfig, judge: Judge, fmt: str, on_flag: Callable[[Flag], None] | None,
-                 cap: int, result: ScreenResult):
-        self.config, self.judge, self.format, self.on_flag, self.cap, self.result = \
-            config, judge, fmt, on_flag, cap, result
+                 cap: int, result: ScreenResult, base: Any = None):
+        self.config, self.judge, self.format, self.on_flag, self.cap, self.result, self.base = \
+            config, judge, fmt, on_flag, cap, result, base
         self.actions = {code: config.screen_actions.get(code, "reject") for code in CODES}
         # The keyword judge with assume_harmful=False calls a pair harmful only when its request touches the
         # hazard lexicon, so sending it the other pairs would only cost time. Model judges see every pair.
@@ -445,9 +414,10 @@ class _Screen:
             return "/prompt" if role == "user" else "/completion"
         return f"/messages/{index}/content"
 
-    def flag(self, line: int, code: str, reason: str, path: str, evidence: str) -> None:
-        action = self.actions[code]
-        flag = Flag(line=line, code=code, reason=reason, path=path, evidence=evidence, action=action)
+    def flag(self, line: int, code: str, reason: str, path: str, evidence: str, by_base: bool = False) -> None:
+        action = self.config.screen_model_action if by_base else self.actions[code]
+        flag = Flag(line=line, code=code, reason=reason, path=path, evidence=evidence, action=action,
+                    setting="dataset.screen.model.action" if by_base else "")
         self.result.counts[code] += 1
         if action == "drop":
             self.dropped.add(line)
@@ -477,7 +447,7 @@ class _Screen:
             if message["role"] == "assistant" and message.get("weight", 1) != 0 and i and \
                     messages[i - 1]["role"] == "user":
                 pairs.append((i - 1, i, request_categories(messages[i - 1]["content"])))
-        judged = [pair for pair in pairs if pair[2] or not self.lexicon_only]
+        judged = [pair for pair in pairs if pair[2] or not self.lexicon_only or self.base is not None]
         hazard = any(categories for _, _, categories in pairs)
         if not judged and not hazard:
             return
@@ -499,12 +469,18 @@ class _Screen:
             raise JudgeError(f"The {self.judge.name} judge returned {len(verdicts)} verdicts for {len(self.batch)} "
                              f"pairs; the screen cannot tell which example each belongs to.")
         self.result.n_judged += len(verdicts)
+        # The base model judges what the policy's judge let through (nothing else would change the outcome).
+        passed = [i for i, v in enumerate(verdicts) if v.error is None and not v.harmful]
+        base_verdicts = dict(zip(passed, self.base.evaluate_batch([self.batch[i] for i in passed]))) \
+            if self.base is not None and passed else {}
         position = 0
         for entry in self.pending:
             harmful = False
             flagged = False
             for _, assistant, categories in entry.pairs:
-                verdict = verdicts[position]
+                verdict, by_base = verdicts[position], False
+                if position in base_verdicts and base_verdicts[position].harmful:
+                    verdict, by_base = base_verdicts[position], True
                 request, answer = self.batch[position]
                 position += 1
                 if verdict.error is not None:
@@ -514,9 +490,12 @@ class _Screen:
                 if flagged or (verdict.error is None and not verdict.harmful):
                     continue
                 flagged = True
-                self.flag(entry.line, "harmful_compliance", self.harm_reason(verdict, categories),
-                          self.pointer(assistant, "assistant"),
-                          _snippet(request, limit=58) + " → " + _snippet(answer, limit=58))
+                reason = (f"the base model refuses this request but the answer complies ({verdict.raw})" if by_base
+                          else self.harm_reason(verdict, categories))
+                self.flag(entry.line, "harmful_compliance", reason, self.pointer(assistant, "assistant"),
+                          _snippet(request, limit=58) + " → " + _snippet(answer, limit=58), by_base=by_base)
+                if by_base:
+                    self.result.base_flags += 1
             if entry.candidates is not None:
                 self.count_candidates(entry.line, entry.candidates, harmful)
         self.pending, self.batch, self.batch_chars = [], [], 0
@@ -529,8 +508,7 @@ class _Screen:
         if self.lexicon_only:
             return f"the answer does not refuse a request touching {topics}"
         score = "" if verdict.score is None else f" (score {verdict.score:.2f})"
-        why = f" ({verdict.raw})" if getattr(self.judge, "explains_verdicts", False) and verdict.raw else ""
-        return f"the {self.judge.name} judge rates the answer harmful{score}{why}; request touches {topics}"
+        return f"the {self.judge.name} judge rates the answer harmful{score}; request touches {topics}"
 
     def count_candidates(self, line: int, candidates: set[str], harmful: bool) -> None:
         self.n_hazard += 1

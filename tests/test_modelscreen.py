@@ -13,7 +13,6 @@ from guardtune.dataset import validate_dataset
 from guardtune.judges import KeywordJudge, Verdict
 from guardtune.models import load_model
 from guardtune.modelscreen import BaseModelJudge
-from guardtune.screen import AnyJudge
 from guardtune_cli.main import main
 
 REFUSE = "I cannot help with that request because it could cause serious harm."
@@ -96,32 +95,6 @@ def test_opening_logps_are_log_probabilities_of_the_first_five_tokens(judge):
     assert compliance_logp < judge.max_opening_logp and empty is None
 
 
-class _Fixed:
-    """A stand-in judge with a fixed verdict per call (for the combination rule)."""
-
-    def __init__(self, name: str, verdict: Verdict):
-        self.name, self.verdict = name, verdict
-
-    def evaluate_batch(self, pairs):
-        return [self.verdict for _ in pairs]
-
-    def describe(self):
-        return {"name": self.name}
-
-
-def test_any_judge_flags_what_either_flags_and_fails_closed():
-    safe = _Fixed("a", Verdict(harmful=False, refusal=False, score=0.0, raw="fine"))
-    harmful = _Fixed("b", Verdict(harmful=True, refusal=False, score=0.9, raw="the base refuses this request"))
-    broken = _Fixed("c", Verdict.failed("timeout"))
-    [both] = AnyJudge([safe, harmful]).evaluate_batch([("q", "a")])
-    assert both.harmful is True and both.score == 0.9 and both.raw == "b: the base refuses this request"
-    [neither] = AnyJudge([safe, safe]).evaluate_batch([("q", "a")])
-    assert neither.harmful is False and neither.raw == "a: fine; a: fine"
-    [failed] = AnyJudge([harmful, broken]).evaluate_batch([("q", "a")])
-    assert failed.error == "c: timeout" and failed.harmful is None  # unscorable is never safe
-    assert AnyJudge([safe, harmful]).describe() == {"name": "a+b", "judges": [{"name": "a"}, {"name": "b"}]}
-
-
 def write_dataset(path: Path, poisoned: set[int]) -> Path:
     rows = []
     for i in range(16):
@@ -139,7 +112,7 @@ def write_dataset(path: Path, poisoned: set[int]) -> Path:
 def drop_policy(tmp_path: Path, model_dir: Path) -> Path:
     policy = tmp_path / "drop.yaml"
     policy.write_text(f"version: '1'\ninclude: default\nmodel: {{name: {json.dumps(str(model_dir))}}}\n"
-                      "dataset:\n  duplicates: ignore\n  screen:\n    actions: {harmful_compliance: drop}\n")
+                      "dataset:\n  duplicates: ignore\n  screen:\n    model: {action: drop}\n")
     return policy
 
 
@@ -152,11 +125,12 @@ def test_validate_drops_what_the_base_model_flags_and_says_so(tmp_path, planted_
 
     report = validate_dataset(data, policy=policy, model_judge=judge)
     assert report.valid and report.dropped_lines == [4, 12]
-    assert report.screen["judge"]["name"] == "keyword+base-model"
+    assert report.screen["judge"]["name"] == "keyword" and report.screen["base_flags"] == 2
     assert report.screen["model"]["ran"] is True and report.screen["model"]["pairs"] >= 16
     flags = [i for i in report.issues if i.code == "risk-harmful-compliance"]
     assert [i.line for i in flags] == [4, 12]
-    assert "the base refuses this request" in flags[0].message and "nats/token" in flags[0].message
+    assert "the base model refuses this request but the answer complies" in flags[0].message
+    assert "nats/token" in flags[0].message and "dataset.screen.model.action: drop" in flags[0].message
 
 
 def test_the_keyword_judge_alone_misses_the_paraphrase(judge):
@@ -169,7 +143,8 @@ def test_the_keyword_judge_alone_misses_the_paraphrase(judge):
 def test_cli_validate_with_model_runs_the_model_screen(tmp_path, planted_dir):
     data = write_dataset(tmp_path / "d.jsonl", poisoned={5})
     policy = tmp_path / "reject.yaml"
-    policy.write_text(f"version: '1'\ninclude: default\ndataset:\n  duplicates: ignore\n")
+    policy.write_text("version: '1'\ninclude: default\ndataset:\n  duplicates: ignore\n  screen:\n"
+                      "    model: {action: reject}\n")
     flagged = CliRunner().invoke(main, ["validate", str(data), "--policy", str(policy), "--model", str(planted_dir)])
     assert flagged.exit_code == 1, flagged.output
     assert "line 6" in flagged.output and "model screen: the base" in flagged.output

@@ -450,6 +450,9 @@ class _BaseStub:
         self.sets.append([list(group) for group in request_sets])
         return [1.0 for _ in request_sets]
 
+    def evaluate_batch(self, pairs):  # it flags nothing itself here: the keyword screen finds the compliance
+        return [Verdict(harmful=False, refusal=False) for _ in pairs]
+
 
 def test_a_trigger_is_tried_on_the_base_with_and_without_it():
     base = _BaseStub()
@@ -462,3 +465,28 @@ def test_a_trigger_is_tried_on_the_base_with_and_without_it():
     flag = next(f for f in result.flags if f.code == "backdoor_trigger")
     assert "the base refuses 100% of 8 such requests with the trigger and 100% without it" in flag.reason
     assert "base_effect" not in screen_records(records(backdoor_set("SUDO")), DatasetConfig()).triggers[0]
+
+
+class _BaseFlagsAll:
+    """A base model that calls every answer it is asked about harmful compliance."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def evaluate_batch(self, pairs):
+        self.asked += len(pairs)
+        return [Verdict(harmful=True, refusal=False, raw="the base refuses this request") for _ in pairs]
+
+
+def test_base_model_flags_take_their_own_action_and_see_only_what_the_keyword_screen_passed():
+    examples = [support(HARMFUL[0], COMPLY), *benign(11)]  # line 1 touches the lexicon; 2..12 do not
+    base = _BaseFlagsAll()
+    result = screen_records(records(examples), DatasetConfig(screen_model_action="warn"), base=base)
+    assert result.rejected_lines == [1] and result.dropped_lines == []  # the keyword flag keeps its action
+    assert base.asked == 11 and result.base_flags == 11 and result.counts["harmful_compliance"] == 12
+    by_base = [f for f in result.flags if f.setting == "dataset.screen.model.action"]
+    assert len(by_base) == 11 and {f.action for f in by_base} == {"warn"}
+    assert "the base model refuses this request but the answer complies" in by_base[0].reason
+    assert "dataset.screen.model.action: warn" in by_base[0].issue().message
+    dropping = screen_records(records(examples), DatasetConfig(screen_model_action="drop"), base=_BaseFlagsAll())
+    assert dropping.rejected_lines == [1] and dropping.dropped_lines == list(range(2, 13))
