@@ -169,7 +169,7 @@ def test_align_writes_adapter_metrics_holdout_merged_and_export(tiny_model_dir, 
     result = run_align(tiny_model_dir, tmp_path, "run", merge=True, export=tmp_path / "export",
                        command="guardtune align --out run")
     metrics = json.loads(result.metrics_path.read_text())
-    assert metrics["mode"] == "deep" and metrics["recovery_prob"] == 0.5 and metrics["steps"] > 0
+    assert metrics["mode"] == "deep" and metrics["recovery_prob"] == 0.35 and metrics["steps"] > 0
     assert [d["epoch"] for d in metrics["draws"]] == [0, 1]
     assert metrics["data"]["harmful_holdout"] + metrics["data"]["harmful_train"] + \
         metrics["data"]["harmful_answers"]["dropped_refusals"] + metrics["data"]["harmful_answers"]["dropped_short"] == 10
