@@ -27,13 +27,13 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
     """
     from guardtune.config import RunConfig
     from guardtune.dataset import validate_dataset
-    from guardtune.modelspec import has_weights
+    from guardtune.modelspec import has_weights, resolve_model_dir
 
     run = RunConfig.from_policy(policy, model=model)
     base_judge = None
     if model is not None and run.dataset.screen_enabled and run.dataset.screen_model:
-        local = Path(model).expanduser()
-        if local.is_dir() and not has_weights(local):
+        local = resolve_model_dir(model, materialize=False)  # an unprepared model is an error: validate never converts
+        if not has_weights(local):
             base_judge = f"{model} has no weights (a tokenizer-only directory): it counts tokens but cannot judge"
         else:
             from guardtune.modelscreen import load_base_judge  # torch loads only here
