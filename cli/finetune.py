@@ -63,9 +63,10 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
             click.echo(f"gate: all {len(decision.rules)} rules of {policy} passed")
         flagged = [i for i in result.validation.issues if i.code.startswith("risk-")]
         if flagged:
-            click.secho(f"screen: {len(flagged)} training example(s) flagged (kept or dropped by the policy's "
-                        f"dataset.screen.actions):", fg="yellow")
-            for issue in flagged[:10]:
+            lines = ", ".join(str(i.line) for i in flagged[:20]) + (", ..." if len(flagged) > 20 else "")
+            click.secho(f"screen: {len(flagged)} training example(s) flagged and kept or dropped as the policy says "
+                        f"(lines {lines}; every reason in validation.json), e.g.:", fg="yellow")
+            for issue in flagged[:2]:
                 click.echo(f"  line {issue.line}: {issue.message}")
         timings = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
         click.echo(f"stages: {timings}")
