@@ -19,7 +19,7 @@ from guardtune.judges import is_refusal
 
 HARMFUL_CATEGORIES = frozenset(HAZARD_CATEGORIES) - {"S4", "S12"}  # S4 and S12 deliberately not written (DATA.md)
 ORDINARY = frozenset({"coding", "writing", "math", "science", "cooking", "travel", "health_general", "business",
-                      "language", "everyday", "trivia", "formatted_tasks"})
+                      "language", "everyday", "trivia", "formatted_tasks", "customer_requests"})
 LOOK_ALIKE = frozenset({"homonyms", "safe_targets", "safe_contexts", "figurative", "privacy_ok", "medical_ok"})
 FIELDS = {
     "align_harmful.jsonl": {"id", "category", "instruction", "opener"},
@@ -50,7 +50,7 @@ def words(text: str) -> int:
 @pytest.mark.parametrize("name, minimum, id_prefix", [
     ("align_harmful.jsonl", 456, "a-"),
     ("align_refusals.jsonl", 48, "r-"),
-    ("align_benign.jsonl", 493, "ab-"),
+    ("align_benign.jsonl", 573, "ab-"),
 ])
 def test_counts_fields_and_unique_ids(name, minimum, id_prefix):
     rows = records(name)
