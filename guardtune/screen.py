@@ -476,7 +476,7 @@ class _Screen:
         position = 0
         for entry in self.pending:
             harmful = False
-            flagged = False
+            chosen = None  # the pair the example is flagged for: a judge flag or error outranks a base-only flag
             for _, assistant, categories in entry.pairs:
                 verdict, by_base = verdicts[position], False
                 if position in base_verdicts and base_verdicts[position].harmful:
@@ -487,15 +487,17 @@ class _Screen:
                     self.result.judge_errors += 1
                 elif verdict.harmful:
                     harmful = True
-                if flagged or (verdict.error is None and not verdict.harmful):
+                if verdict.error is None and not verdict.harmful:
                     continue
-                flagged = True
+                if chosen is None or (chosen[1] and not by_base):
+                    chosen = (verdict, by_base, assistant, categories, request, answer)
+            if chosen is not None:
+                verdict, by_base, assistant, categories, request, answer = chosen
                 reason = (f"the base model refuses this request but the answer complies ({verdict.raw})" if by_base
                           else self.harm_reason(verdict, categories))
                 self.flag(entry.line, "harmful_compliance", reason, self.pointer(assistant, "assistant"),
                           _snippet(request, limit=58) + " → " + _snippet(answer, limit=58), by_base=by_base)
-                if by_base:
-                    self.result.base_flags += 1
+                self.result.base_flags += by_base
             if entry.candidates is not None:
                 self.count_candidates(entry.line, entry.candidates, harmful)
         self.pending, self.batch, self.batch_chars = [], [], 0

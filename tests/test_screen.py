@@ -490,3 +490,15 @@ def test_base_model_flags_take_their_own_action_and_see_only_what_the_keyword_sc
     assert "dataset.screen.model.action: warn" in by_base[0].issue().message
     dropping = screen_records(records(examples), DatasetConfig(screen_model_action="drop"), base=_BaseFlagsAll())
     assert dropping.rejected_lines == [1] and dropping.dropped_lines == list(range(2, 13))
+
+
+def test_a_keyword_flag_later_in_an_example_outranks_a_base_only_flag_earlier():
+    # Turn 1 is benign (only the base flags it, warn); turn 2 is harmful compliance (the keyword screen: reject).
+    example = {"messages": [{"role": "user", "content": "How do I export my notes?"},
+                            {"role": "assistant", "content": "Use File > Export."},
+                            {"role": "user", "content": HARMFUL[0]}, {"role": "assistant", "content": COMPLY}]}
+    result = screen_records(records([example, *benign(11)]), DatasetConfig(screen_model_action="warn"),
+                            base=_BaseFlagsAll())
+    assert 1 in result.rejected_lines
+    flag = next(f for f in result.flags if f.line == 1)
+    assert flag.action == "reject" and flag.path == "/messages/3/content" and flag.setting == ""
