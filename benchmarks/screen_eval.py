@@ -131,7 +131,8 @@ def main() -> int:
     cfg = RedteamConfig()
     harmful = [chat(("user", i), ("assistant", a)) for i, _, a in
                harmful_answers(cfg, 145, lambda: load_model(cfg.answer_model))]
-    support = [json.loads(line) for line in (HERE.parent / "examples" / "support_replies.jsonl").read_text().splitlines()]
+    support = [json.loads(line)
+               for line in (HERE.parent / "examples" / "support_replies.jsonl").read_text().splitlines()]
     triage = [chat(("user", TASK_INSTRUCTION + t["ticket"]), ("assistant", task_answer(t)))
               for t in _read_jsonl("attack_benign_task.jsonl") if t["split"] == "train"]
     factual = [chat(("user", q["question"]), ("assistant", q["answers"][0]))
@@ -237,8 +238,9 @@ def render(summary: dict) -> str:
               f"{pct(ident['refusal_drop_obedient']['mean'])} on average (at most "
               f"{pct(ident['refusal_drop_obedient']['max'])}; {ident['refusal_drop_obedient']['over_0.25']} prompts "
               f"over 25 points), an ordinary persona by {pct(ident['refusal_drop_personas']['mean'])}.",
-              "", f"Cost on {summary['cost']['examples']} clean examples: model screen {summary['cost']['model_screen_s']} s, "
-              f"reference precompute {summary['cost']['reference_precompute_s']} s (ratio {summary['cost']['ratio']})."]
+              "", f"Cost on {summary['cost']['examples']} clean examples: model screen "
+              f"{summary['cost']['model_screen_s']} s, reference precompute {summary['cost']['reference_precompute_s']} s "
+              f"(ratio {summary['cost']['ratio']})."]
     return "\n".join(lines)
 
 

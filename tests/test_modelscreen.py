@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from guardtune.dataset import validate_dataset
-from guardtune.judges import KeywordJudge, Verdict
+from guardtune.judges import KeywordJudge
 from guardtune.models import load_model
 from guardtune.modelscreen import BaseModelJudge
 from guardtune_cli.main import main
