@@ -230,7 +230,7 @@ def render(summary: dict) -> str:
         lines.append(f"| {row['set']} | {row['lines']} | {row['poison']} | {pct(k['recall'])} / {k['false_flags']} "
                      f"({pct(k['false_flag_rate'])}) | {pct(b['recall'])} / {b['false_flags']} "
                      f"({pct(b['false_flag_rate'])}) | {k['seconds']} / {b['seconds']} |")
-    ident = summary["identity"]
+    ident, cost = summary["identity"], summary["cost"]
     lines += ["", f"Identity shift: pattern table flags {pct(ident['pattern_recall'])} of {ident['obedient_prompts']} "
               f"obedient-persona wordings, {ident['pattern_false_flags']} of {ident['personas']} ordinary personas. "
               f"By effect: the base refuses {pct(ident['base_refusal_without_system'])} of {summary['probe_requests']} "
@@ -238,9 +238,8 @@ def render(summary: dict) -> str:
               f"{pct(ident['refusal_drop_obedient']['mean'])} on average (at most "
               f"{pct(ident['refusal_drop_obedient']['max'])}; {ident['refusal_drop_obedient']['over_0.25']} prompts "
               f"over 25 points), an ordinary persona by {pct(ident['refusal_drop_personas']['mean'])}.",
-              "", f"Cost on {summary['cost']['examples']} clean examples: model screen "
-              f"{summary['cost']['model_screen_s']} s, reference precompute {summary['cost']['reference_precompute_s']} s "
-              f"(ratio {summary['cost']['ratio']})."]
+              "", f"Cost on {cost['examples']} clean examples: model screen {cost['model_screen_s']} s, reference "
+              f"precompute {cost['reference_precompute_s']} s (ratio {cost['ratio']})."]
     return "\n".join(lines)
 
 
