@@ -27,7 +27,7 @@ from .errors import ConfigError, DatasetError
 from .evalsets import is_correct
 from .generation import Progress, counting, generate, write_answers
 from .judges import get_judge, rate_entry, wilson_interval
-from .logprobs import final_hidden, logit_softcap, output_head
+from .logprobs import final_hidden, logit_softcap, output_head, right_pad
 from .models import load_model, reference
 from .modelspec import quiet_peft_wrapping, resolve_model_dir, weights_sha256
 from .policy import Policy
@@ -222,14 +222,7 @@ def kl_profile(model, targets: list[_Target], positions: int, batch_size: int,
     usable = [t for t in targets if t.response_ids]
     for start in range(0, len(usable), batch_size):
         batch = usable[start:start + batch_size]
-        seqs = [t.prompt_ids + t.response_ids[:positions] for t in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(seqs):  # right padding: positions of real tokens match an unpadded pass
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = right_pad([t.prompt_ids + t.response_ids[:positions] for t in batch], pad_id, device)
         tuned = final_hidden(model, ids, mask)
         with reference(model):
             base = final_hidden(model, ids, mask)

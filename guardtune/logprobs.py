@@ -3,9 +3,23 @@ the final hidden states through the model's own forward, and the output head app
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from . import losses
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T] for teacher-forced passes: right padding keeps every real token at the
+    position an unpadded pass would give it (the forward is causal, so pads after a sequence are unseen)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:

@@ -29,7 +29,7 @@ import torch
 from .config import RunConfig
 from .generation import refusal_probe
 from .judges import Verdict, is_refusal
-from .logprobs import response_logps
+from .logprobs import response_logps, right_pad
 from .models import LoadedModel, load_model
 from .templates import render_prompt, response_ids
 
@@ -120,16 +120,12 @@ class BaseModelJudge:
         order = [i for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if openings[i]]
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            width = max(len(prompts[i]) + len(openings[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            completion = torch.zeros_like(ids)
-            for r, i in enumerate(rows):  # right padding: the forward is causal, pads after the opening are unseen
-                seq = list(prompts[i]) + list(openings[i])
-                ids[r, :len(seq)] = torch.tensor(seq)
-                mask[r, :len(seq)] = 1
-                completion[r, len(prompts[i]):len(seq)] = 1
-            logps = response_logps(model, ids.to(device), mask.to(device), completion.to(device)).float().cpu()
+            seqs = [list(prompts[i]) + list(openings[i]) for i in rows]
+            ids, mask = right_pad(seqs, pad_id, device)
+            completion = torch.zeros_like(mask)
+            for r, i in enumerate(rows):
+                completion[r, len(prompts[i]):len(seqs[r])] = 1
+            logps = response_logps(model, ids, mask, completion).float().cpu()
             position = 0
             for i in rows:
                 n = len(openings[i])
