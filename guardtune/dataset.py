@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .config import DatasetConfig, ModelConfig, RunConfig, dataset_config, model_config
 from . import modelspec
+from .config import DatasetConfig, ModelConfig, RunConfig, dataset_config, model_config
 from .errors import DatasetError, GuardtuneError, Issue, ModelError, TemplateError, did_you_mean
 from .policy import Policy, load_policy
 from .provenance import canonical_json, write_json_file

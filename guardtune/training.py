@@ -410,8 +410,8 @@ def train(dataset: str | Path, model: str | None = None,
 
     `config` is a RunConfig (its training, dataset and model sections; what `finetune()` passes), a TrainConfig
     (then `policy` supplies the dataset limits and model settings), a Policy, or a policy name/path (default: the
-    shipped default policy). Keyword `overrides` (objective=,
-    quantization=, epochs=, max_steps=, learning_rate=, ...) replace single TrainConfig fields. `resume=True`
+    shipped default policy). Keyword `overrides` (objective=, quantization=, epochs=, max_steps=, learning_rate=,
+    ...) replace single TrainConfig fields. `resume=True`
     continues from the newest checkpoint in DIR/checkpoints. `progress` is called as progress(phase, done, total)
     for the reference precompute and each optimizer step. `validated` skips re-validating a file the caller has
     just validated: pass the sha256 that validation read (the pipeline does), and the file is refused if it has
