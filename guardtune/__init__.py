@@ -28,6 +28,8 @@ _LAZY = {
     "GateDecision": "guardtune.gate",
     "publish": "guardtune.release",
     "verify": "guardtune.release",
+    "Release": "guardtune.release",
+    "load_release": "guardtune.release",
     "finetune": "guardtune.pipeline",
     "RunResult": "guardtune.pipeline",
     "TrainConfig": "guardtune.config",

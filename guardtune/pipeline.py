@@ -28,7 +28,7 @@ from .gate import GateDecision, decide
 from .modelscreen import load_base_judge
 from .modelspec import resolve_model_dir
 from .policy import Policy
-from .release import publish
+from .release import Release, publish
 from .report import write_html
 from .training import TrainResult, train
 
@@ -44,7 +44,7 @@ class RunResult:
     run_id: str
     run_dir: Path
     verdict: str  # "pass" | "reject"
-    published_dir: Path  # RUN/release/<id> or RUN/quarantine/<id>
+    release: Release  # RUN/release/<id> or RUN/quarantine/<id>, with its manifest
     validation: ValidationReport
     training: TrainResult
     audit: AuditReport
@@ -54,6 +54,10 @@ class RunResult:
     @property
     def released(self) -> bool:
         return self.verdict == "pass"
+
+    @property
+    def published_dir(self) -> Path:
+        return self.release.path
 
     @property
     def exit_code(self) -> int:
@@ -172,7 +176,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
         },
         release_config=run.release)
     timings["release"] = time.perf_counter() - t0
-    return RunResult(run_id=run_id, run_dir=run_dir, verdict=decision.verdict, published_dir=published,
+    return RunResult(run_id=run_id, run_dir=run_dir, verdict=decision.verdict, release=published,
                      validation=validation, training=training, audit=audited, decision=decision,
                      stage_seconds={k: round(v, 2) for k, v in timings.items()})
 

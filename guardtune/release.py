@@ -141,9 +141,54 @@ def _audited_adapter(report: dict[str, Any], adapter_dir: Path) -> str:
     return actual
 
 
+@dataclass(frozen=True)
+class Release:
+    """A published run: the directory and a typed view of its manifest.json (the release stage's result)."""
+
+    path: Path  # RUN/release/<id> or RUN/quarantine/<id>
+    manifest: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def status(self) -> str:  # "released" | "quarantined"
+        return self.manifest["status"]
+
+    @property
+    def released(self) -> bool:
+        return self.status == "released"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def files(self) -> dict[str, str]:  # path inside the release -> sha256
+        return dict(self.manifest["files"])
+
+    @property
+    def failed_rules(self) -> list[dict[str, Any]]:
+        return list(self.manifest["gate"]["failed_rules"])
+
+
+def load_release(path: str | Path) -> Release:
+    """The release at `path` (as `find_release` reads it), without verifying it: `verify` does that."""
+    root = find_release(path)
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerificationError(f"{root / MANIFEST_NAME} is not readable JSON ({exc}); the release cannot be read.")
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        raise VerificationError(f"{root / MANIFEST_NAME} is not a guardtune release manifest (kind is not "
+                                f"{MANIFEST_KIND!r}).")
+    return Release(path=root, manifest=manifest)
+
+
 def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str | Path, report_dir: str | Path,
             extra_files: dict[str, Path] | None = None, manifest_fields: dict[str, Any] | None = None,
-            release_config: ReleaseConfig | None = None) -> Path:
+            release_config: ReleaseConfig | None = None) -> Release:
     """Write run_dir/release/<run_id>/ (pass) or run_dir/quarantine/<run_id>/ (reject) atomically; return it."""
     run_dir, adapter_dir, report_dir = Path(run_dir), Path(adapter_dir), Path(report_dir)
     extra_files = {name: Path(source) for name, source in (extra_files or {}).items()}
@@ -229,7 +274,7 @@ def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str
         if not parent_existed and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
         raise
-    return final
+    return Release(path=final, manifest=manifest)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from fixtures.make_report import make_report, make_samples
 from guardtune.config import ReleaseConfig
 from guardtune.errors import ConfigError, GuardtuneError, VerificationError
 from guardtune.gate import decide
-from guardtune.release import publish, verify
+from guardtune.release import load_release, publish, verify
 from guardtune.provenance import sha256_file, sha256_tree
 from guardtune.schemas import load_schema
 from guardtune_cli.main import main
@@ -46,7 +46,21 @@ def do_publish(run_dir: Path, policy: str = "default", run_id: str = "job-1", **
                                                 "n_dropped": 0, "path": "data.jsonl"},
                                     "seeds": {"training": 42}, "timestamps": {"train_started_at": "2025-01-15T11:00Z"}})
     options.update(kwargs)
-    return publish(run_dir, decision, **options)
+    return publish(run_dir, decision, **options).path
+
+
+def test_publish_returns_the_release_as_load_release_reads_it(run):
+    published = publish(run, decide(run / "audit" / "report.json", "strict"), run_id="job-9",
+                        adapter_dir=run / "adapter", report_dir=run / "audit")
+    assert published.path == run / "quarantine" / "job-9"
+    assert (published.id, published.status, published.released) == ("job-9", "quarantined", False)
+    assert published.failed_rules and all(not r["passed"] for r in published.failed_rules)
+    assert set(published.files) == set(json.loads((published.path / "manifest.json").read_text())["files"])
+    assert published.adapter_dir.joinpath("adapter_config.json").is_file()
+    assert load_release(run) == published  # the single release under the run directory, same manifest
+    (published.path / "manifest.json").write_text('{"kind": "something-else"}')
+    with pytest.raises(VerificationError, match="not a guardtune release manifest"):
+        load_release(published.path)
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -250,7 +264,7 @@ def test_cli_verify(run):
 
 def test_publish_accepts_a_gate_json_dict(run):
     decision = decide(run / "audit" / "report.json", "strict").to_dict()  # as re-read from gate.json
-    out = publish(run, decision, run_id="from-dict", adapter_dir=run / "adapter", report_dir=run / "audit")
+    out = publish(run, decision, run_id="from-dict", adapter_dir=run / "adapter", report_dir=run / "audit").path
     assert out == run / "quarantine" / "from-dict" and verify(out).ok
     with pytest.raises(GuardtuneError, match="verdict"):
         publish(run, {**decision, "verdict": "maybe"}, run_id="y", adapter_dir=run / "adapter",
