@@ -73,7 +73,7 @@ def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", de
     comes back as `from_pretrained` leaves it (eval mode, all parameters trainable until `attach_lora`).
     """
     if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"quantization is {quantization!r}; use none or nf4.")
+        raise ConfigError(f"quantization is {quantization!r}; use one of: {', '.join(QUANTIZATIONS)}.")
     kind = classify_spec(spec)
     path = resolve_model_dir(spec, revision)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -245,7 +245,7 @@ def test_missing_pad_token_falls_back_to_eos(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("kwargs, error", [
     ({"dtype": "float16", "device": "cpu"}, "float16 is not supported on CPU"),
     ({"dtype": "fp8"}, "model.dtype is 'fp8'"),
-    ({"quantization": "int8"}, "quantization is 'int8'; use none or nf4"),
+    ({"quantization": "int8"}, "quantization is 'int8'; use one of: none, nf4"),
 ])
 def test_bad_load_options(tiny_model_dir, kwargs, error):
     with pytest.raises(ConfigError, match=error):
