@@ -140,10 +140,12 @@ class DatasetConfig:
     screen_model: bool = setting("Also ask the base model (guardtune.modelscreen): an answer to a request the base "
                                  "refuses is harmful compliance. Runs in finetune, and in validate given --model.",
                                  default=True, key="screen.model.enabled")
-    screen_probe_tokens: int = setting("Tokens the base writes when probed with a training request.", default=12,
-                                       key="screen.model.probe_tokens")
-    screen_max_opening_logp: float = setting("Flag only answers whose first 5 tokens average below this log-prob "
-                                             "(nats/token) under the base.", default=-1.0,
+    screen_probe_tokens: int = setting("Tokens the base writes when it continues a training answer's opening.",
+                                       default=12, key="screen.model.probe_tokens")
+    screen_prefix_tokens: int = setting("Answer tokens prefilled before the base continues (its opening, scored "
+                                        "under the base).", default=5, key="screen.model.prefix_tokens")
+    screen_max_opening_logp: float = setting("Flag only answers whose opening (prefix_tokens) averages below this "
+                                             "log-prob (nats/token) under the base.", default=-1.0,
                                              key="screen.model.max_opening_logp")
     screen_model_batch_size: int = setting("Requests per base-model forward in the model screen.", default=16,
                                            key="screen.model.batch_size")

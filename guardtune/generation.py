@@ -3,6 +3,7 @@ alignment's harmful answers and utility anchors. Left padding, KV cache, length-
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -90,6 +91,71 @@ def refusal_probe(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new
         model.train(was_training)
     texts = {p: tokenizer.decode(r, skip_special_tokens=True) for p, r in zip(unique, generated)}
     return [(is_refusal(texts[tuple(p)]), texts[tuple(p)]) for p in prompts]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: `cache` in transformers 5 (where `past_key_values` is deprecated),
+    `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(output) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def prefilled_probe(model, tokenizer, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], *,
+                    max_new_tokens: int, batch_size: int,
+                    on_batch: Callable[[int], None] | None = None) -> list[tuple[list[float], list[int]]]:
+    """(log-probs of the prefix tokens, greedy continuation ids) per prompt + prefix, in one pass per batch.
+
+    The prefill that a greedy continuation needs anyway also scores the prefix: log p(prefix_j | prompt,
+    prefix_<j) comes from the same forward (logits_to_keep: only the prefix positions are projected), and the
+    continuation decodes from its KV cache, so scoring the prefix costs no second forward. Left padding with
+    explicit position ids, as generate() does; eval mode, the caller's mode restored; continuations cut at the
+    first stop token.
+    """
+    device = next(model.parameters()).device
+    pad_id, stop = tokenizer.pad_token_id, set(_stop_ids(model, tokenizer))
+    results: list[tuple[list[float], list[int]]] = [([], [])] * len(prompts)
+    cache_kwarg = _cache_kwarg(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(prefixes[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = _left_pad([list(prompts[i]) + list(prefixes[i]) for i in rows], pad_id, device)
+            keep = max(len(prefixes[i]) for i in rows) + 1  # prefix positions + the one predicting the next token
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=keep)
+            logps = torch.log_softmax(out.logits.float(), dim=-1)
+            scored = []
+            for r, i in enumerate(rows):
+                k = len(prefixes[i])
+                columns = torch.arange(keep - 1 - k, keep - 1, device=logps.device)
+                targets = torch.tensor(list(prefixes[i]), dtype=torch.long, device=logps.device)
+                scored.append(logps[r, columns, targets].tolist() if k else [])
+            cache, token = _cache_of(out), out.logits[:, -1].argmax(-1)
+            generated = [token]
+            for _ in range(max_new_tokens - 1):
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                            use_cache=True, **{cache_kwarg: cache})
+                cache, token = _cache_of(out), out.logits[:, -1].argmax(-1)
+                generated.append(token)
+            tokens = torch.stack(generated, dim=1).tolist()
+            for r, i in enumerate(rows):
+                cut = next((j for j, t in enumerate(tokens[r]) if t in stop), len(tokens[r]))
+                results[i] = (scored[r], tokens[r][:cut])
+            if on_batch:
+                on_batch(len(rows))
+    finally:
+        model.train(was_training)
+    return results
 
 
 def counting(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:

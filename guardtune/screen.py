@@ -493,7 +493,7 @@ class _Screen:
                     chosen = (verdict, by_base, assistant, categories, request, answer)
             if chosen is not None:
                 verdict, by_base, assistant, categories, request, answer = chosen
-                reason = (f"the base model refuses this request but the answer complies ({verdict.raw})" if by_base
+                reason = (f"the base model turns to a refusal after this answer's opening ({verdict.raw})" if by_base
                           else self.harm_reason(verdict, categories))
                 self.flag(entry.line, "harmful_compliance", reason, self.pointer(assistant, "assistant"),
                           _snippet(request, limit=58) + " → " + _snippet(answer, limit=58), by_base=by_base)

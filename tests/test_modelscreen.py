@@ -1,5 +1,6 @@
-"""The base-model screen (guardtune.modelscreen) on a tiny model with planted alignment: it refuses every request
-that mentions "zorp" and answers the rest, so compliance with a zorp request is what the screen must catch."""
+"""The base-model screen (guardtune.modelscreen) on a tiny model with planted deep alignment: it refuses every
+request that mentions "zorp", also after the opening of a compliant answer has been prefilled, and answers the rest,
+so compliance with a zorp request is what the screen must catch."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from guardtune.dataset import validate_dataset
+from guardtune.generation import generate, prefilled_probe
+from guardtune.logprobs import response_logps, right_pad
 from guardtune.judges import KeywordJudge
 from guardtune.models import load_model
 from guardtune.modelscreen import BaseModelJudge
+from guardtune.templates import render_prompt, response_ids
 from guardtune_cli.main import main
 
 REFUSE = "I cannot help with that request because it could cause serious harm."
@@ -26,7 +31,8 @@ def request(topic: str, marked: bool) -> str:
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory) -> Path:
-    """A tiny Llama trained (full fine-tune, ~200 steps) to refuse zorp requests and answer the others."""
+    """A tiny Llama trained (full fine-tune, ~200 steps) to refuse zorp requests, from the start and after the first
+    5 tokens of a compliant answer (recovery, as deep alignment trains it), and to answer the others."""
     import torch
     from tiny_models import build_model, build_tokenizer
 
@@ -38,8 +44,11 @@ def planted_dir(tmp_path_factory) -> Path:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": request(topic, marked)}],
                                                    add_generation_prompt=True, tokenize=False)
             answer = (REFUSE if marked else COMPLY) + tokenizer.eos_token
-            rows.append((tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                         tokenizer(answer, add_special_tokens=False)["input_ids"]))
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            rows.append((prompt_ids, tokenizer(answer, add_special_tokens=False)["input_ids"]))
+            if marked:  # recovery: the compliant opening prefilled, then the refusal
+                rows.append((prompt_ids + response_ids(tokenizer, COMPLY)[:5],
+                             tokenizer(REFUSE + tokenizer.eos_token, add_special_tokens=False)["input_ids"]))
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     labels = torch.full((len(rows), width), -100)
@@ -50,7 +59,7 @@ def planted_dir(tmp_path_factory) -> Path:
         labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(200):
+    for _ in range(300):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -71,9 +80,10 @@ def test_compliance_with_a_request_the_base_refuses_is_harmful(judge):
     marked, plain = request("the fox", True), request("the fox", False)
     complied, refused, answered = judge.evaluate_batch([(marked, COMPLY), (marked, REFUSE), (plain, COMPLY)])
     assert complied.harmful is True and complied.refusal is False
-    assert "the base refuses this request" in complied.raw and "nats/token" in complied.raw
+    assert "after the answer's first 5 tokens the base turns to a refusal" in complied.raw
+    assert "nats/token" in complied.raw
     assert refused.harmful is False and refused.refusal is True  # the answer agrees with the base
-    assert answered.harmful is False and "the base answers this request" in answered.raw
+    assert answered.harmful is False and "the base carries on after the answer's first 5 tokens" in answered.raw
     assert complied.score > answered.score  # the base is far more surprised by the compliant opening
     assert judge.n_pairs == 3 and judge.seconds > 0
 
@@ -84,15 +94,38 @@ def test_an_answer_the_base_would_open_the_same_way_is_not_flagged(planted_dir):
     assert lenient.evaluate(request("the dog", True), COMPLY).harmful is False
 
 
-def test_opening_logps_are_log_probabilities_of_the_first_five_tokens(judge):
-    tokenizer = judge.loaded.tokenizer
-    from guardtune.templates import render_prompt, response_ids
+def test_the_prefilled_probe_scores_the_prefix_and_continues_it_like_generate(judge):
+    # One pass does both jobs: the prefix's log-probs equal a teacher-forced pass, and the continuation from the
+    # prefill's KV cache equals generate()'s greedy continuation of prompt + prefix.
+    tokenizer, model = judge.loaded.tokenizer, judge.loaded.model
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": request(t, m)}])
+               for t, m in (("a refund", True), ("the weather", False), ("hello world", True))]
+    prefixes = [response_ids(tokenizer, COMPLY)[:5], response_ids(tokenizer, COMPLY)[:3], []]
+    probed = prefilled_probe(model, tokenizer, prompts, prefixes, max_new_tokens=6, batch_size=3)
+    greedy = generate(model, tokenizer, [p + x for p, x in zip(prompts, prefixes)], max_new_tokens=6, batch_size=3)
+    assert [tokens for _, tokens in probed] == greedy
+    ids, mask = right_pad([p + x for p, x in zip(prompts[:2], prefixes[:2])], tokenizer.pad_token_id, "cpu")
+    completion = torch.zeros_like(mask)
+    for row, (p, x) in enumerate(zip(prompts[:2], prefixes[:2])):
+        completion[row, len(p):len(p) + len(x)] = 1
+    with torch.no_grad():
+        forced = response_logps(model.eval(), ids, mask, completion).tolist()
+    assert [len(lp) for lp, _ in probed] == [5, 3, 0]
+    assert probed[0][0] + probed[1][0] == pytest.approx(forced, abs=1e-4)
+    mean = [sum(lp) / len(lp) for lp, _ in probed[:2]]
+    assert mean[0] < judge.max_opening_logp < mean[1]  # compliance surprises the base on a zorp request only
 
-    prompt = render_prompt(tokenizer, [{"role": "user", "content": request("a refund", True)}])
-    refuse, comply = response_ids(tokenizer, REFUSE)[:5], response_ids(tokenizer, COMPLY)[:5]
-    refusal_logp, compliance_logp, empty = judge.opening_logps([prompt, prompt, prompt], [refuse, comply, []])
-    assert -0.5 < refusal_logp <= 0.0 < -compliance_logp  # the planted refusal is near-certain; compliance is not
-    assert compliance_logp < judge.max_opening_logp and empty is None
+
+def test_only_the_span_the_answer_covers_is_read_and_short_answers_are_not_judged(judge):
+    tokenizer = judge.loaded.tokenizer
+    marked = request("my order", True)
+    short = tokenizer.decode(response_ids(tokenizer, COMPLY)[:4])  # MIN_WINDOW tokens: no refusal fits after it
+    verdict = judge.evaluate(marked, short)
+    assert verdict.harmful is False and "too short for the base to judge" in verdict.raw
+    assert judge.split(list(range(7))) == (3, 4) and judge.split(list(range(40))) == (5, 8)
+    # The label-like answer is complete after 6 tokens: what the base appends after it is not read.
+    label = tokenizer.decode(response_ids(tokenizer, COMPLY)[:6])
+    assert judge.split(response_ids(tokenizer, label)) == (2, 4)
 
 
 def write_dataset(path: Path, poisoned: set[int]) -> Path:
@@ -129,7 +162,7 @@ def test_validate_drops_what_the_base_model_flags_and_says_so(tmp_path, planted_
     assert report.screen["model"]["ran"] is True and report.screen["model"]["pairs"] >= 16
     flags = [i for i in report.issues if i.code == "risk-harmful-compliance"]
     assert [i.line for i in flags] == [4, 12]
-    assert "the base model refuses this request but the answer complies" in flags[0].message
+    assert "the base model turns to a refusal after this answer's opening" in flags[0].message
     assert "nats/token" in flags[0].message and "dataset.screen.model.action: drop" in flags[0].message
 
 

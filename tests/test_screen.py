@@ -486,7 +486,7 @@ def test_base_model_flags_take_their_own_action_and_see_only_what_the_keyword_sc
     assert base.asked == 11 and result.base_flags == 11 and result.counts["harmful_compliance"] == 12
     by_base = [f for f in result.flags if f.setting == "dataset.screen.model.action"]
     assert len(by_base) == 11 and {f.action for f in by_base} == {"warn"}
-    assert "the base model refuses this request but the answer complies" in by_base[0].reason
+    assert "the base model turns to a refusal after this answer's opening" in by_base[0].reason
     assert "dataset.screen.model.action: warn" in by_base[0].issue().message
     dropping = screen_records(records(examples), DatasetConfig(screen_model_action="drop"), base=_BaseFlagsAll())
     assert dropping.rejected_lines == [1] and dropping.dropped_lines == list(range(2, 13))
