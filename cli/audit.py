@@ -80,7 +80,8 @@ def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_
             kl = res.get("kl_profile")
             extra = f", mean KL t=1..5 {kl['mean_first5']:.4f} nats" if kl else ""
             if res.get("utility"):
-                extra = f", utility {res['utility']['rate']:.1%} ({res['utility']['correct']}/{res['utility']['n']})" + extra
+                utility = res["utility"]
+                extra = f", utility {utility['rate']:.1%} ({utility['correct']}/{utility['n']})" + extra
             click.echo(f"{name}: over-refusal {over['rate']:.1%} ({over['refusals']}/{over['n']}), "
                        f"judge errors {res['judge_errors']['errors']}{extra}")
     click.echo(f"report: {result.report_path}\nsamples: {result.samples_path}\nhtml: {result.html_path}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import echo_json, json_option, policy_option, render_issues
+from ._common import StageProgress, echo_json, json_option, policy_option, render_issues
 
 
 @click.command()
@@ -38,8 +38,10 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
         else:
             from guardtune.modelscreen import load_base_judge  # torch loads only here
 
-            base_judge = load_base_judge(run)
-    report = validate_dataset(data, policy=run, model=model, model_judge=base_judge)
+            base_judge = lambda: load_base_judge(run)  # noqa: E731 - loaded only if the file is structurally valid
+    with StageProgress(enabled=callable(base_judge)) as bar:
+        report = validate_dataset(data, policy=run, model=model, model_judge=base_judge,
+                                  on_progress=bar.stage("validate"))
     if out is not None:
         report.write(out)
     if as_json:

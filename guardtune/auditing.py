@@ -346,7 +346,8 @@ def audit(model: str | None = None, adapter: str | Path | None = None, policy: P
         "kind": "guardtune-audit-report",
         "schema_version": 1,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {k: info.to_dict()[k] for k in ("spec", "kind", "revision", "weights_sha256", "quantization", "dtype")},
+        "model": {k: info.to_dict()[k]
+                  for k in ("spec", "kind", "revision", "weights_sha256", "quantization", "dtype")},
         "adapter": {"path": str(adapter), "sha256": sha256_tree(adapter)} if adapter is not None else None,
         "config": config_dict,
         "judge": {"name": judge.name, **judge.describe()},

@@ -8,7 +8,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from . import modelspec
 from .config import DatasetConfig, ModelConfig, RunConfig, dataset_config, model_config
@@ -541,7 +541,8 @@ def _token_counter(model: Any, spec: ModelConfig, config: DatasetConfig, log: _I
 
 def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig = "default", model: Any = None, *,
                      progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE,
-                     screen: bool = True, model_judge: Any = None) -> ValidationReport:
+                     screen: bool = True, model_judge: Any = None,
+                     on_progress: Callable[[str, int, int], None] | None = None) -> ValidationReport:
     """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
 
     model: None (the policy's model.name, if available without loading it), a local model directory, a
@@ -552,7 +553,9 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     the file is an issue in the report. `policy` may be a RunConfig (its dataset and model sections are used).
     model_judge: the base-model screen judge (modelscreen.BaseModelJudge, built by the caller, who has the model
     loaded); with dataset.screen.model.enabled it judges every trained pair the policy's screen judge passes. A
-    string instead says why there is none (recorded in validation.json's screen.model).
+    string instead says why there is none (recorded in validation.json's screen.model); a zero-argument callable
+    builds the judge only once the file has passed its structural checks (a broken file never loads a model).
+    on_progress(phase, records done, records): the screen's progress ("screen", or "model screen" with the base).
     """
     if isinstance(policy, RunConfig):
         policy, config, model_spec = policy.policy, policy.dataset, policy.model
@@ -606,8 +609,13 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     report.format = checker.format
     report.n_records = checker.n_records
     report.n_errors, report.n_warnings = log.n_errors, log.n_warnings
+    if use_model and callable(model_judge) and not hasattr(model_judge, "evaluate_batch"):
+        model_judge = model_judge() if judge is not None and report.valid and report.format is not None else None
+        use_model = model_judge is not None
+    phase = "model screen" if use_model else "screen"
+    tick = (lambda done: on_progress(phase, done, report.n_records)) if on_progress else None
     _screen(report, source, config, judge, log, "disabled by the policy" if screen else "disabled by the caller",
-            base=model_judge if use_model else None)
+            base=model_judge if use_model else None, on_progress=tick)
     if report.screen.get("ran") and config.screen_model:
         report.screen["model"] = ({"ran": True, **model_judge.describe(), "pairs": model_judge.n_pairs,
                                    "seconds": round(model_judge.seconds, 2)} if use_model else
@@ -618,7 +626,7 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
 
 
 def _screen(report: ValidationReport, source: Path, config: DatasetConfig, judge: Any, log: _IssueLog,
-            off: str, base: Any = None) -> None:
+            off: str, base: Any = None, on_progress: Callable[[int], None] | None = None) -> None:
     """Run the risk screen over a structurally valid file and merge its flags into the report."""
     if judge is None:
         report.screen = {"ran": False, "reason": off}
@@ -630,7 +638,7 @@ def _screen(report: ValidationReport, source: Path, config: DatasetConfig, judge
     # stays valid (n_errors 0) until the screen is done: rejections are counted in `log` and copied over after.
     result = screen_records(lambda: iter_records(source, report, max_line_bytes=config.max_line_bytes), config,
                             judge, base=base, format=report.format, max_flags_per_code=log.cap,
-                            on_flag=lambda flag: log.add(*_issue_args(flag.issue())))
+                            on_flag=lambda flag: log.add(*_issue_args(flag.issue())), on_progress=on_progress)
     report.dropped_lines = result.dropped_lines
     report.screen = result.summary()
     report.n_errors, report.n_warnings = log.n_errors, log.n_warnings

@@ -107,8 +107,10 @@ def load_factual(spec: str | Path = BUILTIN) -> list[FactualQuestion]:
             issues.append(Issue(code="evalset-json", line=number, message=f"not valid JSON: {error.msg}"))
             continue
         answers = record.get("answers") if isinstance(record, dict) else None
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip() \
-                or not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        question = record.get("question") if isinstance(record, dict) else None
+        question_ok = isinstance(question, str) and question.strip()
+        answers_ok = isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
+        if not (question_ok and answers_ok):
             issues.append(Issue(code="evalset-record", line=number,
                                 message='expected {"question": "...", "answers": ["...", ...]}'))
             continue

@@ -128,6 +128,6 @@ def load_base_judge(run: RunConfig) -> BaseModelJudge:
     mcfg = run.model
     loaded = load_model(mcfg.name, quantization=run.training.quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
-    return BaseModelJudge(loaded, probe_tokens=run.dataset.screen_probe_tokens,
-                          prefix_tokens=run.dataset.screen_prefix_tokens, max_opening_logp=run.dataset.screen_max_opening_logp,
-                          batch_size=run.dataset.screen_model_batch_size)
+    cfg = run.dataset
+    return BaseModelJudge(loaded, probe_tokens=cfg.screen_probe_tokens, prefix_tokens=cfg.screen_prefix_tokens,
+                          max_opening_logp=cfg.screen_max_opening_logp, batch_size=cfg.screen_model_batch_size)

@@ -118,10 +118,12 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     # Materialise the model first (the embedded one converts once, ~1 min): the validator's token-length check
     # then runs against the real tokenizer instead of being skipped.
     model_dir = resolve_model_dir(model_spec)
-    # The base model screens the data too (the second judge of harmful compliance; dataset.screen.model).
-    base_judge = load_base_judge(run) if run.dataset.screen_enabled and run.dataset.screen_model else None
-    validation = validate_dataset(dataset, policy=run, model=model_dir, model_judge=base_judge)
-    del base_judge  # training loads its own copy; free this one first
+    # The base model screens the data too (the second judge of harmful compliance; dataset.screen.model), loaded
+    # only once the file has passed its structural checks, and freed with the validator before training loads
+    # its own copy.
+    base_judge = (lambda: load_base_judge(run)) if run.dataset.screen_enabled and run.dataset.screen_model else None
+    validation = validate_dataset(dataset, policy=run, model=model_dir, model_judge=base_judge,
+                                  on_progress=stage("validate"))
     run_id = new_run_id(validation.sha256)
     run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)

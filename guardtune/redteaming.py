@@ -260,7 +260,8 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
     policy, cfg, mcfg = resolve_stage("redteam", config, policy, model, overrides)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    audit_options = {"harmful_set": cfg.audit_set, "sample_harmful": cfg.audit_harmful, "sample_benign": cfg.audit_benign,
+    audit_options = {"harmful_set": cfg.audit_set, "sample_harmful": cfg.audit_harmful,
+                     "sample_benign": cfg.audit_benign,
                      "sample_utility": cfg.audit_utility, "prefill_k": cfg.prefill_k,
                      "max_new_tokens": cfg.max_new_tokens}
     answerer: list[Any] = []

@@ -344,7 +344,8 @@ def screen_judge(config: DatasetConfig) -> Judge:
 def screen_records(records: Records | Callable[[], Records], config: DatasetConfig, judge: Judge | None = None, *,
                    base: Any = None,
                    format: str = "chat", on_flag: Callable[[Flag], None] | None = None,
-                   max_flags_per_code: int = MAX_FLAGS_PER_CODE) -> ScreenResult:
+                   max_flags_per_code: int = MAX_FLAGS_PER_CODE,
+                   on_progress: Callable[[int], None] | None = None) -> ScreenResult:
     """Screen (line, messages) records for the three risk codes and apply config.screen_actions.
 
     records: a re-iterable (a list) or a callable returning a fresh iterator (e.g. `lambda: iter_records(path)`);
@@ -355,7 +356,8 @@ def screen_records(records: Records | Callable[[], Records], config: DatasetConf
     configured apart from the keyword screen's). Each backdoor trigger found is also tried on the base, with and
     without the trigger, and the evidence goes into the flag and `triggers`.
     format: "chat" or "prompt_completion" (JSON pointers). on_flag sees every flag as it is found (the result
-    stores the first max_flags_per_code per code).
+    stores the first max_flags_per_code per code). on_progress(records screened) is called after every judged
+    batch (the base model takes ~0.1-0.4 s per example on 2 CPU cores, so a job runner wants to see it move).
     """
     result = ScreenResult()
     if not config.screen_enabled:
@@ -366,6 +368,7 @@ def screen_records(records: Records | Callable[[], Records], config: DatasetConf
     read: Callable[[], Records] = records if callable(records) else (lambda: records)  # type: ignore[assignment]
     result.ran = True
     screen = _Screen(config, judge or screen_judge(config), format, on_flag, max_flags_per_code, result, base)
+    screen.on_progress = on_progress
     for line, messages in read():
         screen.add(line, messages)
     screen.flush()
@@ -394,6 +397,7 @@ class _Screen:
         self.config, self.judge, self.format, self.on_flag, self.cap, self.result, self.base = \
             config, judge, fmt, on_flag, cap, result, base
         self.actions = {code: config.screen_actions.get(code, "reject") for code in CODES}
+        self.on_progress: Callable[[int], None] | None = None
         # The keyword judge with assume_harmful=False calls a pair harmful only when its request touches the
         # hazard lexicon, so sending it the other pairs would only cost time. Model judges see every pair.
         self.lexicon_only = isinstance(judge, KeywordJudge) and not judge.assume_harmful
@@ -501,6 +505,8 @@ class _Screen:
             if entry.candidates is not None:
                 self.count_candidates(entry.line, entry.candidates, harmful)
         self.pending, self.batch, self.batch_chars = [], [], 0
+        if self.on_progress is not None:
+            self.on_progress(self.result.n_records)
 
     def harm_reason(self, verdict: Verdict, categories: list[str]) -> str:
         if verdict.error is not None:

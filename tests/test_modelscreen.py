@@ -191,3 +191,20 @@ def test_refusal_rates_probe_the_base_per_set(judge):
     before = judge.seconds
     assert judge.refusal_rates([marked, plain, []]) == [1.0, 0.0, 0.0]
     assert judge.seconds > before
+
+
+def test_the_base_is_loaded_only_for_a_structurally_valid_file_and_its_screen_reports_progress(tmp_path, planted_dir,
+                                                                                               judge):
+    policy = drop_policy(tmp_path, planted_dir)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n' * 12)  # no assistant turn
+
+    def never():
+        raise AssertionError("the base model was loaded for a file that failed its structural checks")
+
+    assert validate_dataset(broken, policy=policy, model_judge=never).valid is False
+    seen = []
+    report = validate_dataset(write_dataset(tmp_path / "d.jsonl", poisoned={5}), policy=policy,
+                              model_judge=lambda: judge, on_progress=lambda *event: seen.append(event))
+    assert report.dropped_lines == [6] and report.screen["model"]["ran"] is True
+    assert seen and {phase for phase, _, _ in seen} == {"model screen"} and seen[-1][1:] == (16, 16)
