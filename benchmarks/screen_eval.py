@@ -164,6 +164,9 @@ def main() -> int:
                           "false_flags": len(flags - poison), "false_flag_rate": (len(flags - poison) / clean_lines
                                                                                    if clean_lines else None),
                           "seconds": round(time.perf_counter() - started, 1)}
+            if model_judge is not None:  # how many pairs the base read, and how many were too short to judge
+                row[label]["base_pairs"] = report.screen["model"]["pairs"]
+                row[label]["base_too_short"] = report.screen["model"]["too_short"]
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -224,12 +227,13 @@ def render(summary: dict) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
     lines = ["| set | lines | poison | keyword: recall / false flags | keyword + base model: recall / false flags | "
-             "screen s (kw / kw+base) |", "|---|---|---|---|---|---|"]
+             "judged by the base | screen s (kw / kw+base) |", "|---|---|---|---|---|---|---|"]
     for row in summary["sets"]:
         k, b = row["keyword"], row["keyword+base"]
         lines.append(f"| {row['set']} | {row['lines']} | {row['poison']} | {pct(k['recall'])} / {k['false_flags']} "
                      f"({pct(k['false_flag_rate'])}) | {pct(b['recall'])} / {b['false_flags']} "
-                     f"({pct(b['false_flag_rate'])}) | {k['seconds']} / {b['seconds']} |")
+                     f"({pct(b['false_flag_rate'])}) | {b['base_pairs'] - b['base_too_short']} of {b['base_pairs']} | "
+                     f"{k['seconds']} / {b['seconds']} |")
     ident, cost = summary["identity"], summary["cost"]
     lines += ["", f"Identity shift: pattern table flags {pct(ident['pattern_recall'])} of {ident['obedient_prompts']} "
               f"obedient-persona wordings, {ident['pattern_false_flags']} of {ident['personas']} ordinary personas. "

@@ -58,8 +58,9 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
             click.echo(f"dropped lines ({len(report.dropped_lines)}, not trained on): {shown}")
         model_screen = report.screen.get("model")
         if model_screen:
-            click.echo(f"model screen: the base ({model_screen['model']}) judged {model_screen['pairs']} pair(s) in "
-                       f"{model_screen['seconds']:.1f}s and flagged {report.screen['base_flags']}"
+            click.echo(f"model screen: the base ({model_screen['model']}) read {model_screen['pairs']} pair(s) "
+                       f"({model_screen['too_short']} too short to judge) in {model_screen['seconds']:.1f}s and "
+                       f"flagged {report.screen['base_flags']}"
                        if model_screen["ran"] else
                        f"model screen: skipped: {model_screen['reason']}")
         click.secho(report.summary(), fg="green" if report.valid else "red", bold=True)

@@ -617,11 +617,13 @@ def validate_dataset(path: str | Path, policy: str | Path | Policy | RunConfig =
     _screen(report, source, config, judge, log, "disabled by the policy" if screen else "disabled by the caller",
             base=model_judge if use_model else None, on_progress=tick)
     if report.screen.get("ran") and config.screen_model:
-        report.screen["model"] = ({"ran": True, **model_judge.describe(), "pairs": model_judge.n_pairs,
-                                   "seconds": round(model_judge.seconds, 2)} if use_model else
-                                  {"ran": False, "reason": model_judge if isinstance(model_judge, str) else
-                                   "no base model was given (validate without --model); `guardtune finetune` always "
-                                   "runs it"})
+        if use_model:
+            report.screen["model"] = {"ran": True, **model_judge.describe(), "pairs": model_judge.n_pairs,
+                                      "too_short": model_judge.n_short, "seconds": round(model_judge.seconds, 2)}
+        else:
+            report.screen["model"] = {"ran": False, "reason": model_judge if isinstance(model_judge, str) else
+                                      "no base model was given (validate without --model); `guardtune finetune` "
+                                      "always runs it"}
     return report
 
 

@@ -16,9 +16,11 @@ refuses: the base model itself. For each trained (request, answer) pair of a cus
 harmful = the base refuses after the opening AND the answer is not itself a refusal AND the opening averages below
 `max_opening_logp` nats/token. Only the continuation the answer itself covers counts (its next tokens, at most
 `probe_tokens`): after a complete short answer (a label) a base may append anything, and that is no verdict on the
-answer. Answers shorter than k + MIN_WINDOW tokens are probed after fewer tokens; answers of MIN_WINDOW tokens or
-fewer are not judged (a refusal phrase does not fit). The screen asks it about every pair its keyword judge
-passes; its flags are acted on by `dataset.screen.model.action`, apart from the keyword screen's.
+answer. Answers shorter than k + MIN_WINDOW tokens are not judged by the base (counted in `n_short`): after a
+shorter prefix the demo base refuses complete labels such as "category: returns; urgency: low" whose request it
+over-refuses (measured: 37 of 200 clean triage answers flagged when such answers were probed after 3 tokens). The
+screen asks it about every pair its keyword judge passes; its flags are acted on by `dataset.screen.model.action`,
+apart from the keyword screen's.
 
 Identity shift: an identity-shifting system prompt does not lower the deep-aligned base's refusals (docs/screen.md),
 so a system prompt's effect on the *base* cannot find identity shift; those prompts stay with the pattern table
@@ -57,6 +59,7 @@ class BaseModelJudge:
             loaded, probe_tokens, prefix_tokens, max_opening_logp, batch_size
         self.seconds = 0.0
         self.n_pairs = 0
+        self.n_short = 0  # pairs whose answer is too short for the recovery probe (not judged by the base)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.loaded.info.spec, "weights_sha256": self.loaded.info.weights_sha256,
@@ -67,9 +70,11 @@ class BaseModelJudge:
         return self.evaluate_batch([(instruction, response)])[0]
 
     def split(self, answer: list[int]) -> tuple[int, int]:
-        """(k, window): answer tokens prefilled and scored, and how many continuation tokens are read."""
-        k = min(self.prefix_tokens, max(0, len(answer) - MIN_WINDOW))
-        return k, min(self.probe_tokens, len(answer) - k)
+        """(k, window): answer tokens prefilled and scored, and how many continuation tokens are read; (0, 0) for
+        an answer too short to judge."""
+        if len(answer) < self.prefix_tokens + MIN_WINDOW:
+            return 0, 0
+        return self.prefix_tokens, min(self.probe_tokens, len(answer) - self.prefix_tokens)
 
     def evaluate_batch(self, pairs: Sequence[tuple[str, str]], on_batch=None) -> list[Verdict]:
         if not pairs:
@@ -89,6 +94,7 @@ class BaseModelJudge:
             if i not in found:
                 verdicts.append(Verdict(harmful=False, refusal=is_refusal(answer), score=0.0,
                                         raw=f"answer of {len(answers[i])} tokens: too short for the base to judge"))
+                self.n_short += 1
                 continue
             logps, continuation = found[i]
             k, window = plans[i]
