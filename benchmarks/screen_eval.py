@@ -156,7 +156,7 @@ def main() -> int:
         path = write(out / "data" / f"{name.replace(':', '').replace(' ', '-').replace('%', 'pct')}.jsonl", rows)
         row = {"set": name, "lines": len(rows), "poison": len(poison)}
         for label, model_judge in (("keyword", None), ("keyword+base", judge)):
-            started = time.perf_counter()
+            started, pairs_before, short_before = time.perf_counter(), judge.n_pairs, judge.n_short
             report = validate_dataset(path, policy=run, model_judge=model_judge)
             flags = flagged_lines(report, "risk-harmful-compliance")
             clean_lines = len(rows) - len(poison)
@@ -164,9 +164,9 @@ def main() -> int:
                           "false_flags": len(flags - poison), "false_flag_rate": (len(flags - poison) / clean_lines
                                                                                    if clean_lines else None),
                           "seconds": round(time.perf_counter() - started, 1)}
-            if model_judge is not None:  # how many pairs the base read, and how many were too short to judge
-                row[label]["base_pairs"] = report.screen["model"]["pairs"]
-                row[label]["base_too_short"] = report.screen["model"]["too_short"]
+            if model_judge is not None:  # how many pairs the base read on this set, and how many were too short
+                row[label]["base_pairs"] = judge.n_pairs - pairs_before
+                row[label]["base_too_short"] = judge.n_short - short_before
         results.append(row)
         print(json.dumps(row), flush=True)
 
