@@ -33,10 +33,14 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
 
     from .audit import format_asr_table, format_side_metrics
 
-    with StageProgress() as bar:
+    from guardtune.distributed import is_main
+
+    with StageProgress(enabled=is_main()) as bar:  # under a launcher, the main process reports
         result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,
                               trust_remote_code=trust_remote_code or None, progress=bar)
+    if result is None:  # another process of a multi-process job: the main process audits, gates and releases
+        return
     if as_json:
         echo_json(result.to_dict())
     else:

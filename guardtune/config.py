@@ -164,6 +164,23 @@ class DatasetConfig:
                               f"({self.max_file_bytes}).")
 
 
+# TrainingArguments fields guardtune derives from its own settings (training.trainer_args may not set them), with
+# where each comes from.
+TRAINER_ARGS_OWNED = {
+    "output_dir": "the run directory (--out)", "per_device_train_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "learning_rate": "training.optimizer.learning_rate", "adam_beta1": "training.optimizer.adam_betas",
+    "adam_beta2": "training.optimizer.adam_betas", "weight_decay": "training.optimizer.weight_decay",
+    "warmup_steps": "training.optimizer.warmup_steps", "lr_scheduler_type": "training.optimizer.scheduler",
+    "max_grad_norm": "training.optimizer.max_grad_norm", "num_train_epochs": "training.epochs",
+    "max_steps": "training.max_steps", "save_strategy": "training.save_steps", "save_steps": "training.save_steps",
+    "seed": "training.seed", "data_seed": "training.seed",
+    "remove_unused_columns": "nothing (the constrained objective's columns must reach compute_loss)",
+    "average_tokens_across_devices": "nothing (the objective is normalised over every process's tokens)",
+    "use_cpu": "the model's device", "disable_tqdm": "the progress callback (the CLI's bars)",
+}
+
+
 @dataclass
 class TrainConfig:
     """Training stage: objective, LoRA/QLoRA, optimizer and schedule."""
@@ -216,6 +233,11 @@ class TrainConfig:
     save_steps: int | None = setting("Checkpoint every N optimizer steps (for resume); None = no checkpoints.",
                                    default=None)
     seed: int = setting("Seed for data order, LoRA init and dropout.", default=42)
+    trainer_args: dict[str, Any] = setting(
+        "transformers.TrainingArguments fields passed to the Trainer as given (deepspeed, fsdp, fsdp_config, "
+        "gradient_checkpointing, optim, bf16, report_to, logging_steps, save_total_limit, ...). The fields guardtune "
+        "sets from its own keys (TRAINER_ARGS_OWNED) cannot be set here: the objective, the optimizer's settings and "
+        "the data pipeline carry its safety meaning.", factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -229,6 +251,10 @@ class TrainConfig:
             raise ConfigError(f"training.scope_probe_tokens is {self.scope_probe_tokens}; use at least 1.")
         if not self.betas or min(self.betas) <= 0 or self.beta_tail <= 0:
             raise ConfigError("training.betas and training.beta_tail must be positive numbers.")
+        owned = sorted(set(self.trainer_args) & set(TRAINER_ARGS_OWNED))
+        if owned:
+            raise ConfigError(f"training.trainer_args.{owned[0]} is set by guardtune itself; use "
+                              f"{TRAINER_ARGS_OWNED[owned[0]]} instead.")
         if self.save_steps is not None and self.max_steps is not None and self.save_steps > self.max_steps:
             raise ConfigError(f"training.save_steps ({self.save_steps}) exceeds training.max_steps "
                               f"({self.max_steps}); no checkpoint would ever be written.")

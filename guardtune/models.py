@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import TrainConfig, choices
+from .distributed import local_rank, world_size
 from .errors import ConfigError, MissingDependencyError, ModelError
 from .modelspec import classify_spec, quiet_peft_wrapping, resolve_model_dir, weights_sha256
 from .templates import ensure_pad_token
@@ -82,8 +83,8 @@ def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", de
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available here; use device='cpu'.")
-    if torch_device.type == "cuda" and torch_device.index is None:
-        torch_device = torch.device("cuda", torch.cuda.current_device())
+    if torch_device.type == "cuda" and torch_device.index is None:  # under a launcher: this process's own GPU
+        torch_device = torch.device("cuda", local_rank() if world_size() > 1 else torch.cuda.current_device())
     torch_dtype = resolve_dtype(dtype, torch_device.type)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "device_map": {"": str(torch_device)}}

@@ -12,6 +12,7 @@ RUN/audit/report.json`, `guardtune report RUN/audit`, `guardtune verify RUN/rele
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from typing import Any, Callable
 
 from .auditing import AuditReport
 from .auditing import audit as run_audit
+from . import distributed
 from .config import RunConfig
 from .dataset import ValidationReport, validate_dataset
-from .errors import DatasetError
+from .errors import DatasetError, GuardtuneError
 from .gate import GateDecision, decide
 from .modelscreen import load_base_judge
 from .modelspec import resolve_model_dir
@@ -98,56 +100,48 @@ def _kept_lines(source: Path, dropped: set[int], target: Path, validated_sha256:
 def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | str = "default",
              out: str | Path | None = None, objective: str | None = None, quantization: str | None = None,
              epochs: float | None = None, max_steps: int | None = None, trust_remote_code: bool | None = None,
-             progress: Progress | None = None, **train_overrides: Any) -> RunResult:
+             progress: Progress | None = None, **train_overrides: Any) -> RunResult | None:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
-    raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all."""
+    raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all.
+
+    Under `torchrun` / `accelerate launch` every process trains (DDP) and shares the reference precompute; the
+    main process alone validates, audits, gates and releases, and the others return None once training is done.
+    """
     run = RunConfig.from_policy(policy, model=model, trust_remote_code=trust_remote_code, objective=objective,
                                 quantization=quantization, epochs=epochs, max_steps=max_steps, **train_overrides)
     dataset = Path(dataset)
-    model_spec = run.model.name
     timings: dict[str, float] = {}
     timestamps: dict[str, str] = {"started_at": _now()}
 
     def stage(name: str) -> Callable[[str, int, int], None] | None:
         return (lambda phase, done, total: progress(name, phase, done, total)) if progress else None
 
-    # 1. validate (and risk screen) --------------------------------------------------------------------------
+    # 1. validate (and risk screen), on the main process; the others wait for its plan -----------------------------
     t0 = time.perf_counter()
-    if progress:
-        progress("validate", "validate", 0, 1)
-    # Materialise the model first (the embedded one converts once, ~1 min): the validator's token-length check
-    # then runs against the real tokenizer instead of being skipped.
-    model_dir = resolve_model_dir(model_spec)
-    # The base model screens the data too (the second judge of harmful compliance; dataset.screen.model), loaded
-    # only once the file has passed its structural checks, and freed with the validator before training loads
-    # its own copy.
-    base_judge = (lambda: load_base_judge(run)) if run.dataset.screen_enabled and run.dataset.screen_model else None
-    validation = validate_dataset(dataset, policy=run, model=model_dir, model_judge=base_judge,
-                                  on_progress=stage("validate"))
-    run_id = new_run_id(validation.sha256)
-    run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    validation.write(run_dir / "validation.json")
-    if not validation.valid:
-        errors = [i for i in validation.issues if i.severity == "error"]
-        shown = "".join(f"\n  line {i.line}: {i.message}" if i.line else f"\n  {i.message}" for i in errors[:5])
-        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise DatasetError(f"{dataset} failed validation with {len(errors)} error(s); nothing was trained:{shown}{more}"
-                           f"\nEvery issue is in {run_dir / 'validation.json'} (or run `guardtune validate "
-                           f"{dataset}`).", errors)
-    train_path, filtered_sha = dataset, validation.sha256
-    if validation.dropped_lines:
-        train_path = run_dir / "train_data.jsonl"
-        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path, validation.sha256)
+    failure, mine = None, None
+    if distributed.is_main():
+        try:
+            validation, run_id, run_dir, train_path, filtered_sha = _validate(dataset, run, out, stage)
+            mine = ("ok", run_id, str(run_dir), str(train_path), filtered_sha)
+        except BaseException as exc:  # the other processes must hear of it, or they would wait forever
+            failure, mine = exc, ("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    plan = distributed.share(mine)
+    if failure is not None:
+        raise failure
+    if plan[0] == "failed":
+        raise GuardtuneError(f"The main process stopped the job before training: {plan[1]}")
+    run_id, run_dir, train_path, filtered_sha = plan[1], Path(plan[2]), Path(plan[3]), plan[4]
     timings["validate"] = time.perf_counter() - t0
-    if progress:
-        progress("validate", "validate", 1, 1)
 
-    # 2. train -------------------------------------------------------------------------------------------------
+    # 2. train (every process) ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
     training = train(train_path, config=run, out=run_dir, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
+    if not distributed.is_main():
+        return None
+    training.model = None  # the audit loads the base and the adapter from disk; do not hold two copies
+    gc.collect()
 
     # 3. audit -------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -181,6 +175,41 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     return RunResult(run_id=run_id, run_dir=run_dir, verdict=decision.verdict, release=published,
                      validation=validation, training=training, audit=audited, decision=decision,
                      stage_seconds={k: round(v, 2) for k, v in timings.items()})
+
+
+def _validate(dataset: Path, run: RunConfig, out: str | Path | None,
+              stage: Callable[[str], Any]) -> tuple[ValidationReport, str, Path, Path, str]:
+    """The validate stage of a job: validation.json in a new run directory, the screen's dropped lines removed.
+    Returns (report, run id, run dir, the file to train on, its sha256); raises DatasetError on invalid data."""
+    progress = stage("validate")
+    if progress:
+        progress("validate", 0, 1)
+    # Materialise the model first (the embedded one converts once, ~1 min): the validator's token-length check
+    # then runs against the real tokenizer instead of being skipped.
+    model_dir = resolve_model_dir(run.model.name)
+    # The base model screens the data too (the second judge of harmful compliance; dataset.screen.model), loaded
+    # only once the file has passed its structural checks, and freed with the validator before training loads
+    # its own copy.
+    base_judge = (lambda: load_base_judge(run)) if run.dataset.screen_enabled and run.dataset.screen_model else None
+    validation = validate_dataset(dataset, policy=run, model=model_dir, model_judge=base_judge, on_progress=progress)
+    run_id = new_run_id(validation.sha256)
+    run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    validation.write(run_dir / "validation.json")
+    if not validation.valid:
+        errors = [i for i in validation.issues if i.severity == "error"]
+        shown = "".join(f"\n  line {i.line}: {i.message}" if i.line else f"\n  {i.message}" for i in errors[:5])
+        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise DatasetError(f"{dataset} failed validation with {len(errors)} error(s); nothing was trained:{shown}{more}"
+                           f"\nEvery issue is in {run_dir / 'validation.json'} (or run `guardtune validate "
+                           f"{dataset}`).", errors)
+    train_path, filtered_sha = dataset, validation.sha256
+    if validation.dropped_lines:
+        train_path = run_dir / "train_data.jsonl"
+        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path, validation.sha256)
+    if progress:
+        progress("validate", 1, 1)
+    return validation, run_id, run_dir, train_path, filtered_sha
 
 
 def _now() -> str:

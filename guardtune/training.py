@@ -8,6 +8,7 @@ train_metrics.json. The reference is the same PEFT model with its adapter disabl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import transformers
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from . import losses
+from . import distributed, losses
 from .config import RunConfig, TrainConfig, as_dict, resolve_stage
 from .dataset import iter_records, validate_dataset
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError, did_you_mean
 from .generation import refusal_probe
 from .logprobs import logit_softcap, output_head, response_logps
 from .models import attach_lora, load_model, reference
@@ -248,6 +250,7 @@ def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, bat
     path = cache_dir() / "reference" / f"{key}.safetensors"
     lengths = [len(e["input_ids"]) for e in examples]
     anchors = [len(e.get("anchor_index", [])) for e in examples]
+    values = None
     if path.is_file():
         stored = load_file(str(path))
         if stored["lengths"].tolist() == lengths and (not topk or stored["anchors"].tolist() == anchors):
@@ -256,10 +259,17 @@ def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, bat
                 for value, ids, logps in zip(values, _split(stored["topk_ids"].tolist(), anchors),
                                              _split(stored["topk_logps"].tolist(), anchors)):
                     value.update(ref_topk_ids=ids, ref_topk_logps=logps)
-            return values, True, 0.0
+    # Under a launcher every process must take the same branch (the computation below is collective): the cache
+    # counts as a hit only where every process found it (on one node they share the cache directory).
+    if distributed.sum_over_processes(values is not None) == distributed.world_size():
+        return values, True, 0.0
     started = time.perf_counter()
-    values = compute_reference_logps(model, examples, pad_token_id, batch_size, progress, topk=topk)
+    # Each process computes its share of the examples; every process gets all of them back.
+    values = distributed.sharded(examples, lambda part: compute_reference_logps(model, part, pad_token_id,
+                                                                               batch_size, progress, topk=topk))
     elapsed = time.perf_counter() - started
+    if not distributed.is_main():
+        return values, False, elapsed
     tensors = {"ref_logps": torch.tensor([v for row in values for v in row["ref_logps"]], dtype=torch.float32),
                "lengths": torch.tensor(lengths, dtype=torch.long)}
     if topk:
@@ -372,7 +382,17 @@ class GuardedTrainer(Trainer):
 
 def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu: bool,
                         own_progress: bool) -> TrainingArguments:
+    """guardtune's settings as TrainingArguments, with training.trainer_args passed through (config.py refuses the
+    fields guardtune owns; here the names are checked against this transformers version's fields)."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(cfg.trainer_args) - known)
+    if unknown:
+        raise ConfigError(f"training.trainer_args.{unknown[0]} is not a transformers.TrainingArguments field "
+                          f"(transformers {transformers.__version__}).{did_you_mean(unknown[0], known)}")
+    passed = {"logging_steps": 1, "report_to": "none", "dataloader_num_workers": 0, "optim": "adamw_torch",
+              "bf16": use_bf16, **cfg.trainer_args}
     return TrainingArguments(
+        **passed,
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -387,14 +407,9 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
         max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
-        logging_steps=1,
-        report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,  # keep completion_mask, response_positions and ref_logps
-        dataloader_num_workers=0,
-        optim="adamw_torch",
-        bf16=use_bf16,
         use_cpu=on_cpu,
         disable_tqdm=own_progress,  # the caller's progress callback replaces the Trainer's bar
     )
@@ -481,11 +496,16 @@ def train(dataset: str | Path, model: str | None = None,
 
     fitted = fit(peft_model, _ExampleDataset(examples), cfg, out_dir, device=info.device, dtype=info.dtype,
                  pad_token_id=pad_token_id, resume=resume, callbacks=callbacks, progress=progress)
+    summary = fitted.summary()  # collective under a launcher: tokens are summed over the processes
+    if not distributed.is_main():  # one train_metrics.json, written by the main process
+        return TrainResult(out_dir=out_dir, adapter_dir=fitted.adapter_dir, metrics_path=out_dir / "train_metrics.json",
+                           metrics=summary, model=peft_model)
     metrics = {
         "objective": cfg.objective,
         "reference": cfg.reference_kind,
         "reference_detail": reference_info,
-        **fitted.summary(),
+        **summary,
+        "processes": distributed.world_size(),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "n_examples": len(examples),
         "n_truncated": sum(e["truncated"] for e in examples),
@@ -529,6 +549,7 @@ class FitResult:
     def summary(self) -> dict[str, Any]:
         """The run's numbers for a metrics file: steps, loss curve, throughput, per-position constraint weights."""
         trainer, seconds = self.trainer, self.train_seconds
+        tokens = distributed.sum_over_processes(trainer.tokens_seen)
         history = [row for row in trainer.state.log_history if "loss" in row]
         return {
             "steps": trainer.state.global_step,
@@ -536,8 +557,8 @@ class FitResult:
             "train_loss": self.output.training_loss,
             "loss_curve": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
                             "grad_norm": r.get("grad_norm")} for r in history],
-            "tokens_seen": trainer.tokens_seen,
-            "tokens_per_second": round(trainer.tokens_seen / seconds, 2) if seconds > 0 else None,
+            "tokens_seen": tokens,  # over all processes
+            "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
             "train_seconds": round(seconds, 3),
             "constraint_weight": {name: (trainer.weight_sums[name] / trainer.weight_counts[name]
                                          if trainer.weight_counts[name] else None) for name, _, _ in BUCKETS},
@@ -571,10 +592,12 @@ def fit(peft_model: Any, dataset: torch.utils.data.Dataset, cfg: TrainConfig, ou
     output = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - started
     adapter_dir = out_dir / "adapter"
-    peft_model.save_pretrained(str(adapter_dir))
-    checkpoints = Path(args.output_dir)
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()  # no save_steps: the Trainer created it and wrote nothing
+    if distributed.is_main():  # the processes hold the same weights after every step; one writes them
+        peft_model.save_pretrained(str(adapter_dir))
+        checkpoints = Path(args.output_dir)
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # no save_steps: the Trainer created it and wrote nothing
+    distributed.barrier()
     return FitResult(trainer=trainer, output=output, adapter_dir=adapter_dir, train_seconds=seconds)
 
 

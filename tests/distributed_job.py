@@ -1,0 +1,30 @@
+"""Run by tests/test_distributed.py under `torchrun` (and alone, for the one-process baseline):
+
+    python distributed_job.py train MODEL_DIR DATA OUT BATCH_SIZE
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def train_job(model_dir: str, data: str, out: str, batch_size: int) -> None:
+    from guardtune.training import train
+
+    policy = Path(out).with_suffix(".yaml")
+    policy.parent.mkdir(parents=True, exist_ok=True)
+    policy.write_text(f"version: 'dist-test'\ninclude: default\nmodel: {{name: {json.dumps(model_dir)}}}\n"
+                      "dataset: {min_examples: 1, duplicates: ignore, screen: {enabled: false}}\n"
+                      f"training: {{max_steps: 3, batch_size: {batch_size}, max_length: 256, "
+                      "optimizer: {learning_rate: 0.01, warmup_steps: 0}}\n")
+    train(data, config=str(policy), out=out, validated=True)
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "train":
+        train_job(args[0], args[1], args[2], int(args[3]))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
