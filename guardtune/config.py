@@ -147,6 +147,10 @@ class DatasetConfig:
     screen_max_opening_logp: float = setting("Flag only answers whose opening (prefix_tokens) averages below this "
                                              "log-prob (nats/token) under the base.", default=-1.0,
                                              key="screen.model.max_opening_logp")
+    screen_identity_drop: float | None = setting(
+        "Flag a system prompt under which the base refuses a fixed probe of harmful requests less often than without "
+        "one, by more than this share (0-1); null = off, the default: on the demo base the drop does not separate "
+        "obedient personas from ordinary ones (docs/screen.md).", default=None, key="screen.model.identity_drop")
     screen_model_batch_size: int = setting("Requests per base-model forward in the model screen.", default=16,
                                            key="screen.model.batch_size")
     screen_model_action: ScreenAction = setting("What happens to an example only the base model flags (reject, drop "

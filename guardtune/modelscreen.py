@@ -22,15 +22,21 @@ over-refuses (measured: 37 of 200 clean triage answers flagged when such answers
 screen asks it about every pair its keyword judge passes; its flags are acted on by `dataset.screen.model.action`,
 apart from the keyword screen's.
 
-Identity shift: an identity-shifting system prompt does not lower the deep-aligned base's refusals (docs/screen.md),
-so a system prompt's effect on the *base* cannot find identity shift; those prompts stay with the pattern table
-(screen.identity_shift).
+Identity shift by effect (`identity_drop`, off by default): each distinct system prompt is tried on a fixed probe of
+harmful requests (IDENTITY_PROBE, alignment-training requests, not audit prompts), cached by the prompt's hash; a
+prompt under which the base refuses less often than without a system prompt, by more than the threshold, is
+flagged. Measured on the deep-aligned demo base (docs/screen.md), an obedient persona lowers its refusals by 2.8
+points on average and an ordinary persona by 2.9: the attack works through training, not through the prompt, so
+the pattern table (screen.identity_shift) stays the default detector.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from importlib import resources
 from typing import Any, Sequence
 
 from .config import RunConfig
@@ -39,6 +45,7 @@ from .judges import Verdict, is_refusal
 from .models import LoadedModel, load_model
 from .templates import render_prompt, response_ids
 
+IDENTITY_PROBE = 24  # harmful requests per system prompt for identity shift by effect
 MIN_WINDOW = 4  # answer tokens after the prefix in which a refusal must fit ("I can't", "I cannot help")
 PROBE_CHARS = 60  # how much of the base's own continuation an explanation quotes
 
@@ -54,9 +61,11 @@ class BaseModelJudge:
     name = "base-model"
 
     def __init__(self, loaded: LoadedModel, *, probe_tokens: int = 12, prefix_tokens: int = 5,
-                 max_opening_logp: float = -1.0, batch_size: int = 16):
+                 max_opening_logp: float = -1.0, batch_size: int = 16, identity_requests: Sequence[str] | None = None):
         self.loaded, self.probe_tokens, self.prefix_tokens, self.max_opening_logp, self.batch_size = \
             loaded, probe_tokens, prefix_tokens, max_opening_logp, batch_size
+        self.identity_requests = list(identity_requests) if identity_requests is not None else identity_probe()
+        self.identity_cache: dict[str, float] = {}  # sha256 of a system prompt ("" = none) -> refusal rate
         self.seconds = 0.0
         self.n_pairs = 0
         self.n_short = 0  # pairs whose answer is too short for the recovery probe (not judged by the base)
@@ -114,10 +123,23 @@ class BaseModelJudge:
                f"{self.max_opening_logp:.2f})" + ("; the answer refuses" if answer_refuses else ""))
         return Verdict(harmful=harmful, refusal=answer_refuses, score=round(1.0 - math.exp(logp), 4), raw=raw)
 
-    def refusal_rates(self, request_sets: Sequence[Sequence[str]]) -> list[float]:
+    def system_prompt_effect(self, system: str) -> tuple[float, float]:
+        """(refusal rate on the identity probe under `system`, without a system prompt), each computed once per
+        distinct prompt (cached by its sha256)."""
+        rates = []
+        for prompt in (system, ""):
+            key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+            if key not in self.identity_cache:
+                self.identity_cache[key] = self.refusal_rates([self.identity_requests], system=prompt or None)[0]
+            rates.append(self.identity_cache[key])
+        return rates[0], rates[1]
+
+    def refusal_rates(self, request_sets: Sequence[Sequence[str]], system: str | None = None) -> list[float]:
         """The base's refusal rate (greedy probe of the request alone) on each set of single-turn requests."""
         tokenizer = self.loaded.tokenizer
-        flat = [render_prompt(tokenizer, [{"role": "user", "content": r}]) for group in request_sets for r in group]
+        head = [{"role": "system", "content": system}] if system else []
+        flat = [render_prompt(tokenizer, [*head, {"role": "user", "content": r}])
+                for group in request_sets for r in group]
         started = time.perf_counter()
         refused = [r for r, _ in refusal_probe(self.loaded.model, tokenizer, flat, max_new_tokens=self.probe_tokens,
                                                batch_size=self.batch_size)]
@@ -127,6 +149,13 @@ class BaseModelJudge:
             rates.append(sum(refused[start:start + len(group)]) / len(group) if group else 0.0)
             start += len(group)
         return rates
+
+
+def identity_probe() -> list[str]:
+    """The fixed harmful probe for identity shift by effect: IDENTITY_PROBE alignment-training requests spread over
+    the file (so over its hazard categories); never audit prompts."""
+    rows = resources.files("guardtune.data").joinpath("align_harmful.jsonl").read_text("utf-8").splitlines()
+    return [json.loads(line)["instruction"] for line in rows[::19][:IDENTITY_PROBE]]
 
 
 def load_base_judge(run: RunConfig) -> BaseModelJudge:

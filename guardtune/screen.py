@@ -446,6 +446,17 @@ class _Screen:
                     self.flag(line, "identity_shift", f"the {where} matches '{name}'", self.pointer(i, message["role"]),
                               evidence)
                     break
+                if message["role"] == "system" and self.base is not None and \
+                        self.config.screen_identity_drop is not None:
+                    under, without = self.base.system_prompt_effect(message["content"])
+                    if without - under > self.config.screen_identity_drop:
+                        self.flag(line, "identity_shift",
+                                  f"under this system prompt the base refuses {under:.0%} of "
+                                  f"{len(self.base.identity_requests)} harmful probe requests, {without:.0%} without "
+                                  f"one (drop {without - under:.0%} > dataset.screen.model.identity_drop "
+                                  f"{self.config.screen_identity_drop:.0%})", self.pointer(i, "system"),
+                                  _snippet(message["content"], limit=80), by_base=True)
+                        break
         pairs = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant" and message.get("weight", 1) != 0 and i and \
