@@ -12,7 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "guardtune"
 STAGES = {"dataset", "training", "auditing", "gate", "release"}  # validate, train, audit, gate, release
-ORCHESTRATORS = {"pipeline", "alignment", "redteaming"}  # call stages in order; nothing imports them
+# Call stages (in order, or one stage's pieces for another engine: trl_trainer); nothing imports them.
+ORCHESTRATORS = {"pipeline", "alignment", "redteaming", "trl_trainer"}
 # The one stage->stage edge: `guardtune train` validates the file it is given before it trains (the pipeline
 # validates first and passes validated=True, but training alone must not train unvalidated data).
 ALLOWED_STAGE_EDGES = {("training", "dataset")}
