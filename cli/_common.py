@@ -64,7 +64,8 @@ class StageProgress:
         if (stage, phase) != self.key:
             self.close()
             label = stage if stage == phase else f"{stage}: {phase}"
-            self.bar = tqdm(total=total or None, desc=label, unit="step", leave=True, dynamic_ncols=True)
+            unit = "example" if phase.endswith("screen") else "step"  # the risk screen counts examples
+            self.bar = tqdm(total=total or None, desc=label, unit=unit, leave=True, dynamic_ncols=True)
             self.key = (stage, phase)
         if self.bar is not None:
             if total and self.bar.total != total:

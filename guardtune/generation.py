@@ -107,8 +107,7 @@ def _cache_of(output) -> Any:
 
 @torch.no_grad()
 def prefilled_probe(model, tokenizer, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]], *,
-                    max_new_tokens: int, batch_size: int,
-                    on_batch: Callable[[int], None] | None = None) -> list[tuple[list[float], list[int]]]:
+                    max_new_tokens: int, batch_size: int) -> list[tuple[list[float], list[int]]]:
     """(log-probs of the prefix tokens, greedy continuation ids) per prompt + prefix, in one pass per batch.
 
     The prefill that a greedy continuation needs anyway also scores the prefix: log p(prefix_j | prompt,
@@ -151,8 +150,6 @@ def prefilled_probe(model, tokenizer, prompts: Sequence[Sequence[int]], prefixes
             for r, i in enumerate(rows):
                 cut = next((j for j, t in enumerate(tokens[r]) if t in stop), len(tokens[r]))
                 results[i] = (scored[r], tokens[r][:cut])
-            if on_batch:
-                on_batch(len(rows))
     finally:
         model.train(was_training)
     return results

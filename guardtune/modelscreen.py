@@ -85,7 +85,7 @@ class BaseModelJudge:
             return 0, 0
         return self.prefix_tokens, min(self.probe_tokens, len(answer) - self.prefix_tokens)
 
-    def evaluate_batch(self, pairs: Sequence[tuple[str, str]], on_batch=None) -> list[Verdict]:
+    def evaluate_batch(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         if not pairs:
             return []
         started = time.perf_counter()
@@ -96,7 +96,7 @@ class BaseModelJudge:
         probed = prefilled_probe(self.loaded.model, tokenizer,
                                  [render_prompt(tokenizer, [{"role": "user", "content": pairs[i][0]}]) for i in judged],
                                  [answers[i][:plans[i][0]] for i in judged], max_new_tokens=self.probe_tokens,
-                                 batch_size=self.batch_size, on_batch=on_batch)
+                                 batch_size=self.batch_size)
         found = dict(zip(judged, probed))
         verdicts = []
         for i, (_, answer) in enumerate(pairs):
