@@ -243,8 +243,10 @@ def _split(flat: list, lengths: Sequence[int]) -> list[list]:
     return out
 
 
-def _load_or_compute_reference(model, examples, key: str, pad_token_id: int, batch_size: int,
-                               progress, topk: int = 0) -> tuple[list[dict[str, list]], bool, float]:
+def load_or_compute_reference(model, examples, key: str, pad_token_id: int, batch_size: int,
+                              progress=None, topk: int = 0) -> tuple[list[dict[str, list]], bool, float]:
+    """(per-example reference values as compute_reference_logps returns them, cache hit, seconds computing):
+    read from the cache under `key`, or computed in shards over the processes and cached by the main process."""
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / "reference" / f"{key}.safetensors"
@@ -487,7 +489,7 @@ def train(dataset: str | Path, model: str | None = None,
             if cfg.constraint_scope == "refused" and cfg.kl_anchor else None
         key = reference_cache_key(dataset_sha256, template_fingerprint(tokenizer), info.weights_sha256,
                                   info.quantization, info.dtype, cfg.max_length, cfg.kl_anchor, topk, scoped)
-        ref_values, hit, seconds = _load_or_compute_reference(
+        ref_values, hit, seconds = load_or_compute_reference(
             peft_model, examples, key, pad_token_id, max(cfg.batch_size, 8),
             (lambda d, t: progress("reference", d, t)) if progress else None, topk=topk)
         for example, values in zip(examples, ref_values):

@@ -28,12 +28,11 @@ from typing import Any
 import torch
 import trl
 
-from . import distributed, losses
+from . import losses
 from .errors import ConfigError
 from .logprobs import response_logps
 from .models import reference
-from .provenance import atomic_path, cache_dir
-from .training import compute_reference_logps
+from .training import load_or_compute_reference
 
 CACHE_FORMAT = 1
 
@@ -129,41 +128,17 @@ class ConstrainedSFTTrainer(trl.SFTTrainer):
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def _with_reference(self, dataset: Any) -> Any:
-        """The dataset with a `ref_logps` column: per token, the reference's log-prob where labels train it."""
-        from safetensors.torch import load_file, save_file
-
-        path = cache_dir() / "trl-reference" / f"{self._cache_key(dataset)}.safetensors"
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-        values = None
-        if path.is_file():
-            stored = load_file(str(path))
-            if stored["lengths"].tolist() == lengths:
-                flat = stored["ref_logps"].tolist()
-                values, start = [], 0
-                for n in lengths:
-                    values.append(flat[start:start + n])
-                    start += n
-        if distributed.sum_over_processes(values is not None) != distributed.world_size():
-            rows = list(range(len(dataset)))
-            values = distributed.sharded(rows, lambda part: self._reference_rows(dataset, part))
-            if distributed.is_main():
-                with atomic_path(path) as scratch:
-                    save_file({"ref_logps": torch.tensor([v for row in values for v in row], dtype=torch.float32),
-                               "lengths": torch.tensor(lengths, dtype=torch.long)}, str(scratch))
-        return dataset.add_column("ref_logps", values)
-
-    def _reference_rows(self, dataset: Any, rows: list[int]) -> list[list[float]]:
-        """guardtune's own reference pass (training.compute_reference_logps) over TRL's rows: trained = labels."""
-        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        """The dataset with a `ref_logps` column: per token, the reference's log-prob where labels train it, from
+        guardtune's own cached, sharded reference pass (training.load_or_compute_reference) over TRL's rows."""
         examples = []
-        for i in rows:
-            row = dataset[i]
+        for row in dataset:
             trained = [int(x != -100) for x in row.get("labels", row["input_ids"])]
             examples.append({"input_ids": row["input_ids"], "completion_mask": trained,
                              "response_positions": response_positions(torch.tensor([trained]))[0].tolist()})
-        values = compute_reference_logps(self.model, examples, pad_id if pad_id is not None else 0,
-                                         self.args.reference_batch_size)
-        return [v["ref_logps"] for v in values]
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        values, _, _ = load_or_compute_reference(self.model, examples, self._cache_key(dataset),
+                                                 pad_id if pad_id is not None else 0, self.args.reference_batch_size)
+        return dataset.add_column("ref_logps", [v["ref_logps"] for v in values])
 
     # -- loss ----------------------------------------------------------------------------------------------------
 

@@ -104,7 +104,7 @@ def test_the_reference_column_is_cached_by_dataset_fingerprint(tmp_path, setup):
                                 report_to="none", use_cpu=True, max_length=None)
     first = ConstrainedSFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer)
-    cached = list((tmp_path / "cache" / "trl-reference").glob("*.safetensors"))
+    cached = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
     assert len(cached) == 1
     expected = compute_reference_logps(peft_model, examples, tokenizer.pad_token_id, 8)
     column = first.train_dataset["ref_logps"]
