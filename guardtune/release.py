@@ -173,13 +173,19 @@ class Release:
         return list(self.manifest["gate"]["failed_rules"])
 
 
+def _read_manifest(root: Path, purpose: str) -> Any:
+    """The parsed manifest.json of the release at `root` (any JSON value; callers check its shape)."""
+    try:
+        return json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerificationError(f"{root / MANIFEST_NAME} is not readable JSON ({exc}); the release cannot be "
+                                f"{purpose}.")
+
+
 def load_release(path: str | Path) -> Release:
     """The release at `path` (as `find_release` reads it), without verifying it: `verify` does that."""
     root = find_release(path)
-    try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerificationError(f"{root / MANIFEST_NAME} is not readable JSON ({exc}); the release cannot be read.")
+    manifest = _read_manifest(root, "read")
     if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
         raise VerificationError(f"{root / MANIFEST_NAME} is not a guardtune release manifest (kind is not "
                                 f"{MANIFEST_KIND!r}).")
@@ -323,10 +329,7 @@ def find_release(path: str | Path) -> Path:
 def verify(path: str | Path) -> VerificationResult:
     """Recompute every file's sha256 against manifest.json; report changed, missing and unlisted files."""
     root = find_release(path)
-    try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerificationError(f"{root / MANIFEST_NAME} is not readable JSON ({exc}); the release cannot be verified.")
+    manifest = _read_manifest(root, "verified")
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise VerificationError(f"{root / MANIFEST_NAME} has no 'files' map of path -> sha256; it cannot be verified.")
