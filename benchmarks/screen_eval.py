@@ -191,9 +191,8 @@ def main() -> int:
     ids_rows = [chat(("system", p), *[(m["role"], m["content"]) for m in EXCHANGE]) for p in OBEDIENT + PERSONAS]
     report = validate_dataset(write(out / "data" / "identity.jsonl", ids_rows), policy=run)
     flags = flagged_lines(report, "risk-identity-shift")
-    # 24 alignment-training requests spread over the hazard categories (not audit prompts).
-    probe = [json.loads(line)["instruction"] for line in
-             (HERE.parent / "guardtune" / "data" / "align_harmful.jsonl").read_text().splitlines()][::19][:24]
+    # The model screen's identity probe: 24 alignment-training requests over the hazard categories (not audit ones).
+    probe = judge.identity_requests
     loaded = judge.loaded
 
     def refusal_rate(system: str | None) -> float:

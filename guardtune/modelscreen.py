@@ -33,13 +33,12 @@ the pattern table (screen.identity_shift) stays the default detector.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from importlib import resources
 from typing import Any, Sequence
 
 from .config import RunConfig
+from .evalsets import load_harmful
 from .generation import prefilled_probe, refusal_probe
 from .judges import Verdict, is_refusal
 from .models import LoadedModel, load_model
@@ -154,8 +153,7 @@ class BaseModelJudge:
 def identity_probe() -> list[str]:
     """The fixed harmful probe for identity shift by effect: IDENTITY_PROBE alignment-training requests spread over
     the file (so over its hazard categories); never audit prompts."""
-    rows = resources.files("guardtune.data").joinpath("align_harmful.jsonl").read_text("utf-8").splitlines()
-    return [json.loads(line)["instruction"] for line in rows[::19][:IDENTITY_PROBE]]
+    return [p.instruction for p in load_harmful(builtin="align_harmful.jsonl")[::19][:IDENTITY_PROBE]]
 
 
 def load_base_judge(run: RunConfig) -> BaseModelJudge:

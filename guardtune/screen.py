@@ -367,8 +367,8 @@ def screen_records(records: Records | Callable[[], Records], config: DatasetConf
                         "iterator such as `lambda: iter_records(path)`.")
     read: Callable[[], Records] = records if callable(records) else (lambda: records)  # type: ignore[assignment]
     result.ran = True
-    screen = _Screen(config, judge or screen_judge(config), format, on_flag, max_flags_per_code, result, base)
-    screen.on_progress = on_progress
+    screen = _Screen(config, judge or screen_judge(config), format, on_flag, max_flags_per_code, result, base,
+                     on_progress)
     for line, messages in read():
         screen.add(line, messages)
     screen.flush()
@@ -393,11 +393,10 @@ class _Screen:
     """One screening run: pass 1 (identity shift, judged pairs, trigger statistics), then triggers (pass 2)."""
 
     def __init__(self, config: DatasetConfig, judge: Judge, fmt: str, on_flag: Callable[[Flag], None] | None,
-                 cap: int, result: ScreenResult, base: Any = None):
-        self.config, self.judge, self.format, self.on_flag, self.cap, self.result, self.base = \
-            config, judge, fmt, on_flag, cap, result, base
+                 cap: int, result: ScreenResult, base: Any = None, on_progress: Callable[[int], None] | None = None):
+        self.config, self.judge, self.format, self.on_flag, self.cap, self.result, self.base, self.on_progress = \
+            config, judge, fmt, on_flag, cap, result, base, on_progress
         self.actions = {code: config.screen_actions.get(code, "reject") for code in CODES}
-        self.on_progress: Callable[[int], None] | None = None
         # The keyword judge with assume_harmful=False calls a pair harmful only when its request touches the
         # hazard lexicon, so sending it the other pairs would only cost time. Model judges see every pair.
         self.lexicon_only = isinstance(judge, KeywordJudge) and not judge.assume_harmful
