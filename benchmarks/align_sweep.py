@@ -42,10 +42,10 @@ def run(name: str, settings: dict, out_root: Path, results: Path, model: str, k:
         metrics = json.loads(metrics_path.read_text())
         adapter_dir, steps, align_s = out / "adapter", metrics["steps"], metrics["wall_time_s"]
     else:
-        aligned = guardtune.align(model=model, out=out, policy="default", **settings)
+        aligned = guardtune.align(model=model, out=out, config="default", **settings)
         adapter_dir, steps, align_s = aligned.adapter_dir, aligned.metrics["steps"], time.perf_counter() - started
     started = time.perf_counter()
-    report = audit(model=model, adapter=adapter_dir, policy="default", out=out / "audit",
+    report = audit(model=model, adapter=adapter_dir, config="default", out=out / "audit",
                    harmful_set=str(out / "holdout_harmful.jsonl"), prefix_source="dataset",
                    benign_set=str(out / "holdout_benign.jsonl"), prefill_k=k, max_new_tokens=max_new_tokens,
                    kl_positions=32).report

@@ -157,7 +157,7 @@ def main() -> int:
         row = {"set": name, "lines": len(rows), "poison": len(poison)}
         for label, model_judge in (("keyword", None), ("keyword+base", judge)):
             started, pairs_before, short_before = time.perf_counter(), judge.n_pairs, judge.n_short
-            report = validate_dataset(path, policy=run, model_judge=model_judge)
+            report = validate_dataset(path, config=run, model_judge=model_judge)
             flags = flagged_lines(report, "risk-harmful-compliance")
             clean_lines = len(rows) - len(poison)
             row[label] = {"recall": len(flags & poison) / len(poison) if poison else None,
@@ -181,7 +181,7 @@ def main() -> int:
                             run.training.batch_size)
     reference_s = time.perf_counter() - started
     before = judge.seconds
-    validate_dataset(write(out / "data" / "cost.jsonl", cost_rows), policy=run, model_judge=judge)
+    validate_dataset(write(out / "data" / "cost.jsonl", cost_rows), config=run, model_judge=judge)
     cost = {"examples": len(cost_rows), "reference_precompute_s": round(reference_s, 2),
             "model_screen_s": round(judge.seconds - before, 2),
             "ratio": round((judge.seconds - before) / reference_s, 2)}
@@ -189,7 +189,7 @@ def main() -> int:
 
     # Identity shift: the pattern table on each prompt, and each prompt's effect on the base's refusals.
     ids_rows = [chat(("system", p), *[(m["role"], m["content"]) for m in EXCHANGE]) for p in OBEDIENT + PERSONAS]
-    report = validate_dataset(write(out / "data" / "identity.jsonl", ids_rows), policy=run)
+    report = validate_dataset(write(out / "data" / "identity.jsonl", ids_rows), config=run)
     flags = flagged_lines(report, "risk-identity-shift")
     # The model screen's identity probe: 24 alignment-training requests over the hazard categories (not audit ones).
     probe = judge.identity_requests

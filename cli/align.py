@@ -38,7 +38,7 @@ def align(model, mode, out, policy, merge, export, epochs, learning_rate, recove
 
     command = "guardtune " + shlex.join(sys.argv[1:])
     with StageProgress() as bar:
-        result = run_align(model=model, mode=mode, out=out, policy=policy, merge=merge, export=export,
+        result = run_align(model=model, mode=mode, out=out, config=policy, merge=merge, export=export,
                            command=command, progress=bar.stage("align"), epochs=epochs,
                            learning_rate=learning_rate, recovery_prob=recovery_prob, anchor_ratio=anchor_ratio,
                            seed=seed)

@@ -61,7 +61,7 @@ def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_
     from guardtune.auditing import audit as run_audit
 
     with StageProgress() as bar:
-        result = run_audit(model=model, adapter=adapter, policy=policy, out=out, quantization=quantization,
+        result = run_audit(model=model, adapter=adapter, config=policy, out=out, quantization=quantization,
                            trust_remote_code=trust_remote_code or None, use_cache=not no_cache,
                            progress=bar.stage("audit"), sample_harmful=sample, sample_benign=sample,
                            max_new_tokens=max_new_tokens)

@@ -38,7 +38,7 @@ def redteam(model, attacks, objectives, seeds, out, policy, learning_rate, max_s
     with StageProgress() as bar:
         result = run_redteam(model=model, attacks=attacks or ATTACKS,
                              objectives=objectives or DEFAULT_OBJECTIVES,
-                             out=out, policy=policy, progress=bar.stage("redteam"), seeds=seeds,
+                             out=out, config=policy, progress=bar.stage("redteam"), seeds=seeds,
                              learning_rate=learning_rate, max_steps=max_steps, examples=examples, resume=resume)
     if as_json:
         echo_json(result.to_dict())

@@ -29,13 +29,14 @@ from ._common import StageProgress, echo_json, json_option, policy_option, setti
 @json_option
 def train(dataset, model, out, policy, objective, reference, quantization, epochs, max_steps, learning_rate,
           batch_size, save_steps, seed, resume, trust_remote_code, as_json):
-    """Fine-tune MODEL on DATASET with LoRA/QLoRA; writes OUT/adapter and OUT/train_metrics.json."""
+    """Validate DATASET, then fine-tune MODEL on it with LoRA/QLoRA; writes OUT/validation.json, OUT/adapter and
+    OUT/train_metrics.json."""
     if epochs is not None and max_steps is not None:
         raise click.UsageError("Give --epochs or --max-steps, not both.")
-    from guardtune.training import train as run_training
+    from guardtune.pipeline import train as run_training
 
     with StageProgress() as bar:
-        result = run_training(dataset, model=model, config=policy, out=out, resume=resume,
+        result = run_training(dataset, policy, out, model=model, resume=resume,
                               progress=bar.stage("train"),
                               trust_remote_code=trust_remote_code or None, objective=objective, reference=reference,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,

@@ -40,7 +40,7 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
 
             base_judge = lambda: load_base_judge(run)  # noqa: E731 - loaded only if the file is structurally valid
     with StageProgress(enabled=callable(base_judge)) as bar:
-        report = validate_dataset(data, policy=run, model=model, model_judge=base_judge,
+        report = validate_dataset(data, config=run, model=model, model_judge=base_judge,
                                   on_progress=bar.stage("validate"))
     if out is not None:
         report.write(out)

@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="run directory (default: guardtune-runs/<run id>)")
     args = parser.parse_args()
 
-    report = guardtune.validate_dataset(args.data, policy=args.policy)
+    report = guardtune.validate_dataset(args.data, config=args.policy)
     if not report.valid:
         for issue in report.issues:
             print(issue, file=sys.stderr)

@@ -37,7 +37,7 @@ def table_a(raw: str, adapters: dict[str, Path], policy: str, out: Path, prompts
     from guardtune.auditing import audit
 
     for name, adapter in adapters.items():
-        audit(model=raw, adapter=adapter, policy=policy, out=out / f"audit-{name}", sample_harmful=prompts,
+        audit(model=raw, adapter=adapter, config=policy, out=out / f"audit-{name}", sample_harmful=prompts,
               sample_benign=24, utility_set=None, prefill_k=ks, max_new_tokens=max_new_tokens, kl_positions=32)
 
 
@@ -225,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
 
         shallow_dir = args.out / "align-shallow"
         if not (args.resume and (shallow_dir / "align_metrics.json").is_file()):
-            guardtune.align(model=args.raw_model, mode="shallow", out=shallow_dir, policy=args.policy,
+            guardtune.align(model=args.raw_model, mode="shallow", out=shallow_dir, config=args.policy,
                             max_steps=args.shallow_steps, progress=progress)
         if args.retrain_deep:
             deep_dir = args.out / "align-deep"
             if not (args.resume and (deep_dir / "align_metrics.json").is_file()):
-                guardtune.align(model=args.raw_model, mode="deep", out=deep_dir, policy=args.policy,
+                guardtune.align(model=args.raw_model, mode="deep", out=deep_dir, config=args.policy,
                                 progress=progress)
             deep_adapter = deep_dir / "adapter"
         else:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         mark()
         attacks = [a for a in args.attacks.split(",") if a]
         guardtune.redteam(model=args.deep_model, attacks=attacks, objectives=("sft", "constrained"),
-                          out=args.out / "redteam", policy=args.policy, seeds=args.seeds,
+                          out=args.out / "redteam", config=args.policy, seeds=args.seeds,
                           audit_harmful=args.prompts, audit_benign=args.audit_benign,
                           audit_utility=args.audit_utility, prefill_k=(0,), max_new_tokens=args.max_new_tokens,
                           progress=progress, resume=args.resume,

@@ -16,7 +16,7 @@ _LAZY = {
     "ValidationReport": "guardtune.dataset",
     "load_policy": "guardtune.policy",
     "Policy": "guardtune.policy",
-    "train": "guardtune.training",
+    "train": "guardtune.pipeline",
     "align": "guardtune.alignment",
     "AlignResult": "guardtune.alignment",
     "redteam": "guardtune.redteaming",

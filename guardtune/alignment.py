@@ -259,10 +259,9 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def align(model: str | None = None, mode: str | None = None, out: str | Path = "guardtune-align", *,
-          policy: Policy | str | None = None, config: AlignConfig | None = None, merge: bool = False,
-          export: str | Path | None = None, command: str | None = None, progress: Progress | None = None,
-          **overrides: Any) -> AlignResult:
+def align(config: AlignConfig | Policy | str | None = None, out: str | Path = "guardtune-align", *,
+          model: str | None = None, mode: str | None = None, merge: bool = False, export: str | Path | None = None,
+          command: str | None = None, progress: Progress | None = None, **overrides: Any) -> AlignResult:
     """Safety-align `model` (deep or shallow) with LoRA; write OUT/adapter, OUT/align_metrics.json, the held-out
     prompts (OUT/holdout_harmful.jsonl with harmful answers, OUT/holdout_benign.jsonl) for checking, and with
     `merge=True` OUT/merged (base + adapter, a model directory every command accepts as --model).
@@ -274,7 +273,7 @@ def align(model: str | None = None, mode: str | None = None, out: str | Path = "
     started = time.perf_counter()
     if mode is not None:
         overrides["mode"] = mode
-    policy, cfg, mcfg = resolve_stage("align", config, policy, model, overrides)
+    policy, cfg, mcfg = resolve_stage("align", config, model, overrides)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -252,19 +252,20 @@ def _git_commit() -> str | None:
         return None
 
 
-def audit(model: str | None = None, adapter: str | Path | None = None, policy: Policy | str | None = None,
-          out: str | Path = "guardtune-audit", *, config: AuditConfig | RunConfig | None = None,
-          quantization: str = "none", trust_remote_code: bool | None = None, use_cache: bool = True,
-          progress: Progress | None = None, **overrides: Any) -> AuditReport:
-    """Audit `model` (+ `adapter`) beside its base; write report.json, samples.jsonl and report.html to `out`.
+def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | Policy | str | None = None,
+          out: str | Path = "guardtune-audit", *, model: str | None = None, quantization: str = "none",
+          trust_remote_code: bool | None = None, use_cache: bool = True, progress: Progress | None = None,
+          **overrides: Any) -> AuditReport:
+    """Audit the model + `adapter` beside its base; write report.json, samples.jsonl and report.html to `out`.
 
-    `config` is a RunConfig (its audit and model sections) or an AuditConfig (then `policy`, default the shipped
-    default, supplies the model settings). Without an adapter only the base is audited (results.finetuned is
-    null). `overrides` replace single AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=,
-    ...). Base results are cached by base weights hash + audit configuration; `use_cache=False` recomputes them.
+    `config` is a RunConfig (its audit and model sections; what `finetune()` passes), a Policy or policy
+    name/path (None: the shipped default), or an AuditConfig (the model settings from the default policy).
+    Without an adapter only the base is audited (results.finetuned is null). `model=` names the base; keyword
+    `overrides` replace single AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=, ...).
+    Base results are cached by base weights hash + audit configuration; `use_cache=False` recomputes them.
     """
     started = time.perf_counter()
-    policy, cfg, mcfg = resolve_stage("audit", config, policy, model, overrides, trust_remote_code)
+    policy, cfg, mcfg = resolve_stage("audit", config, model, overrides, trust_remote_code)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -574,31 +574,30 @@ class RunConfig:
                    audit=audit_config(policy), gate=gate_config(policy), release=release_config(policy))
 
 
-def resolve_stage(section: str, stage_config: Any, policy: Policy | str | None, model: str | None,
-                  overrides: dict[str, Any], trust_remote_code: bool | None = None) -> tuple[Policy, Any, ModelConfig]:
-    """(policy, stage config, model config) for one stage called from the API.
+def resolve_stage(section: str, config: Any, model: str | None, overrides: dict[str, Any],
+                  trust_remote_code: bool | None = None) -> tuple[Policy, Any, ModelConfig]:
+    """(policy, stage config, model config) for one stage called from the API: every stage takes one `config`.
 
-    `stage_config` is a RunConfig (the stage takes its `section`), that stage's config object (then `policy`
-    supplies everything else) or a policy/policy name (then the stage config is built from it); `overrides`
-    replace single fields (None = not given); `model` and `trust_remote_code` override the model section.
+    `config` is a RunConfig (the stage takes its `section`; what `finetune()` passes), a Policy or a policy
+    name/path (None: the shipped default; the section is built from it), or the stage's own section dataclass
+    (the other settings from the default policy). `overrides` replace single fields of the section (None = not
+    given); `model` and `trust_remote_code` override the model section.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     model_given = {k: v for k, v in (("name", model), ("trust_remote_code", trust_remote_code)) if v is not None}
-    if isinstance(stage_config, RunConfig):
-        if not hasattr(stage_config, section):
+    if isinstance(config, RunConfig):
+        if not hasattr(config, section):
             raise ConfigError(f"A RunConfig has no {section!r} section; pass the policy instead.")
-        if policy is not None:
-            raise ConfigError("A RunConfig already carries its policy; do not pass `policy` as well.")
-        return (stage_config.policy, dataclasses.replace(getattr(stage_config, section), **given),
-                dataclasses.replace(stage_config.model, **model_given))
-    if dataclasses.is_dataclass(stage_config) and not isinstance(stage_config, Policy):  # a Policy is one too
-        cfg_policy = policy if isinstance(policy, Policy) else load_policy(policy or "default")
-        cfg = dataclasses.replace(stage_config, **given)
+        return (config.policy, dataclasses.replace(getattr(config, section), **given),
+                dataclasses.replace(config.model, **model_given))
+    if dataclasses.is_dataclass(config) and not isinstance(config, Policy):  # a Policy is one too
+        if getattr(config, "SECTION", None) != section:
+            raise ConfigError(f"This stage takes its {section!r} section, not a {type(config).__name__}; pass a "
+                              f"RunConfig or a policy to configure several sections.")
+        cfg_policy = load_policy("default")
+        cfg = dataclasses.replace(config, **given)
     else:
-        if policy is not None and stage_config is not None:
-            raise ConfigError("Pass the policy either as the stage config or as `policy`, not both.")
-        source = stage_config if stage_config is not None else policy
-        cfg_policy = source if isinstance(source, Policy) else load_policy(source or "default")
+        cfg_policy = config if isinstance(config, Policy) else load_policy(config or "default")
         cfg = SECTION_BUILDERS[section](cfg_policy, **overrides)
     return cfg_policy, cfg, model_config(cfg_policy, **model_given)
 

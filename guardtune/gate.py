@@ -399,13 +399,15 @@ def _resolve_policy(policy: Policy | str | Path | GateConfig | RunConfig) -> tup
     return gate_config(policy), {"name": policy.name, "version": policy.version, "sha256": policy.sha256}
 
 
-def decide(report: dict[str, Any] | str | Path, policy: Policy | str | Path | GateConfig | RunConfig = "default",
-           samples: str | Path | None = None) -> GateDecision:
+def decide(report: dict[str, Any] | str | Path, config: GateConfig | RunConfig | Policy | str | Path = "default",
+           *, samples: str | Path | None = None) -> GateDecision:
     """Check every enabled gate rule; any failure (including a missing input) rejects.
 
-    `report` is report.json (a path, or its dict). The per-prompt verdicts for paired rules come from `samples`
-    (a samples.jsonl path), or from the samples.jsonl beside a report given as a path; either way the file must
-    hash to the report's samples_sha256, so the verdicts are the ones the report was computed from."""
+    `report` is report.json (a path, or its dict). `config` is a RunConfig (its gate section; what `finetune()`
+    passes), a Policy or policy name/path, or a GateConfig (recorded as the inline policy). The per-prompt
+    verdicts for paired rules come from `samples` (a samples.jsonl path), or from the samples.jsonl beside a
+    report given as a path; either way the file must hash to the report's samples_sha256, so the verdicts are the
+    ones the report was computed from."""
     if samples is None and not isinstance(report, dict):
         beside = find_report(report).parent / "samples.jsonl"
         samples = beside if beside.is_file() else None
@@ -418,7 +420,7 @@ def decide(report: dict[str, Any] | str | Path, policy: Policy | str | Path | Ga
             raise ReportError(f"Cannot gate an invalid report ({len(issues)} problem(s)):\n{lines}", issues)
     # An older report (no samples_sha256) gates without per-prompt verdicts: paired rules then fail closed.
     samples = _bound_samples(report, samples) if samples is not None and report.get("samples_sha256") else None
-    config, policy_info = _resolve_policy(policy)
+    config, policy_info = _resolve_policy(config)
     if config.max_judge_error_rate is None:
         raise ConfigError("gate.max_judge_error_rate cannot be turned off: unscorable samples would pass silently. "
                           "Set it to a rate (1.0 tolerates any).")

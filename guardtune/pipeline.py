@@ -12,18 +12,19 @@ RUN/audit/report.json`, `guardtune report RUN/audit`, `guardtune verify RUN/rele
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .auditing import AuditReport
 from .auditing import audit as run_audit
 from . import distributed
-from .config import RunConfig
+from .config import RunConfig, TrainConfig, resolve_stage
 from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError, GuardtuneError
 from .gate import GateDecision, decide
@@ -32,7 +33,8 @@ from .modelspec import resolve_model_dir
 from .policy import Policy
 from .release import Release, publish
 from .report import write_html
-from .training import TrainResult, train
+from .training import TrainResult
+from .training import train as train_stage
 
 STAGES = ("validate", "train", "audit", "gate", "release")
 # progress(stage, phase, done, total): stage is one of STAGES; phase names the work inside it.
@@ -118,24 +120,12 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
 
     # 1. validate (and risk screen), on the main process; the others wait for its plan -----------------------------
     t0 = time.perf_counter()
-    failure, mine = None, None
-    if distributed.is_main():
-        try:
-            validation, run_id, run_dir, train_path, filtered_sha = _validate(dataset, run, out, stage)
-            mine = ("ok", run_id, str(run_dir), str(train_path), filtered_sha)
-        except BaseException as exc:  # the other processes must hear of it, or they would wait forever
-            failure, mine = exc, ("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    plan = distributed.share(mine)
-    if failure is not None:
-        raise failure
-    if plan[0] == "failed":
-        raise GuardtuneError(f"The main process stopped the job before training: {plan[1]}")
-    run_id, run_dir, train_path, filtered_sha = plan[1], Path(plan[2]), Path(plan[3]), plan[4]
+    validation, run_id, run_dir, train_path, filtered_sha = _validate_on_main(dataset, run, out, stage)
     timings["validate"] = time.perf_counter() - t0
 
     # 2. train (every process) ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    training = train(train_path, config=run, out=run_dir, progress=stage("train"), validated=filtered_sha)
+    training = train_stage(train_path, run, run_dir, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
     if not distributed.is_main():
@@ -177,6 +167,44 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
                      stage_seconds={k: round(v, 2) for k, v in timings.items()})
 
 
+def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | None = None,
+          out: str | Path = "guardtune-train", *, model: str | None = None, trust_remote_code: bool | None = None,
+          resume: bool = False, callbacks: Sequence[Any] = (), progress: Callable[[str, int, int], None] | None = None,
+          **overrides: Any) -> TrainResult | None:
+    """Validate `dataset` (structure, tokens and the risk screen, as `finetune()` does) into OUT/validation.json,
+    then train on the lines that passed (`training.train`): OUT/adapter and OUT/train_metrics.json. Invalid data
+    raises DatasetError and nothing is trained. `config`, `model=` and keyword `overrides` as for
+    `training.train`; under a launcher the main process validates and every process trains (others return None).
+    """
+    policy, training, model_cfg = resolve_stage("training", config, model, overrides, trust_remote_code)
+    run = config if isinstance(config, RunConfig) else RunConfig.from_policy(policy)
+    run = dataclasses.replace(run, training=training, model=model_cfg)
+    _, _, run_dir, train_path, filtered_sha = _validate_on_main(Path(dataset), run, out,
+                                                                lambda _stage: progress)
+    result = train_stage(train_path, run, run_dir, validated=filtered_sha, resume=resume, callbacks=callbacks,
+                         progress=progress)
+    return result if distributed.is_main() else None
+
+
+def _validate_on_main(dataset: Path, run: RunConfig, out: str | Path | None, stage: Callable[[str], Any]
+                      ) -> tuple[ValidationReport | None, str, Path, Path, str]:
+    """`_validate` on the main process; every process gets (run id, run dir, file to train on, its sha256), the
+    others with no report. A failure on the main process stops every process (they would otherwise wait)."""
+    failure, mine, validation = None, None, None
+    if distributed.is_main():
+        try:
+            validation, run_id, run_dir, train_path, filtered_sha = _validate(dataset, run, out, stage)
+            mine = ("ok", run_id, str(run_dir), str(train_path), filtered_sha)
+        except BaseException as exc:  # the other processes must hear of it, or they would wait forever
+            failure, mine = exc, ("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    plan = distributed.share(mine)
+    if failure is not None:
+        raise failure
+    if plan[0] == "failed":
+        raise GuardtuneError(f"The main process stopped the job before training: {plan[1]}")
+    return validation, plan[1], Path(plan[2]), Path(plan[3]), plan[4]
+
+
 def _validate(dataset: Path, run: RunConfig, out: str | Path | None,
               stage: Callable[[str], Any]) -> tuple[ValidationReport, str, Path, Path, str]:
     """The validate stage of a job: validation.json in a new run directory, the screen's dropped lines removed.
@@ -191,7 +219,7 @@ def _validate(dataset: Path, run: RunConfig, out: str | Path | None,
     # only once the file has passed its structural checks, and freed with the validator before training loads
     # its own copy.
     base_judge = (lambda: load_base_judge(run)) if run.dataset.screen_enabled and run.dataset.screen_model else None
-    validation = validate_dataset(dataset, policy=run, model=model_dir, model_judge=base_judge, on_progress=progress)
+    validation = validate_dataset(dataset, config=run, model=model_dir, model_judge=base_judge, on_progress=progress)
     run_id = new_run_id(validation.sha256)
     run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)

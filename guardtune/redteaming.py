@@ -237,10 +237,9 @@ def _finished_run(run_dir: Path, train_options: dict[str, Any], dataset_sha256: 
             "task_accuracy": json.loads(utility_path.read_text(encoding="utf-8"))["accuracy"] if benign else None}
 
 
-def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
-            objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-            out: str | Path = "guardtune-redteam", *, policy: Policy | str | None = None,
-            config: RedteamConfig | None = None, progress: Progress | None = None,
+def redteam(config: RedteamConfig | Policy | str | None = None, out: str | Path = "guardtune-redteam", *,
+            model: str | None = None, attacks: Sequence[str] = ATTACKS,
+            objectives: Sequence[str] = DEFAULT_OBJECTIVES, progress: Progress | None = None,
             train_overrides: dict[str, Any] | None = None, resume: bool = False, **overrides: Any) -> RedteamResult:
     """Run every (attack, objective, seed) fine-tune on `model` and audit it beside the unattacked model.
 
@@ -257,7 +256,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
     for objective in objectives:
         if objective not in OBJECTIVES:
             raise ConfigError(f"Unknown objective {objective!r}; use {', '.join(OBJECTIVES)}.")
-    policy, cfg, mcfg = resolve_stage("redteam", config, policy, model, overrides)
+    policy, cfg, mcfg = resolve_stage("redteam", config, model, overrides)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     audit_options = {"harmful_set": cfg.audit_set, "sample_harmful": cfg.audit_harmful,
@@ -282,7 +281,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
         answerer.clear()
         base: dict[str, Any] = {}
         for label, options in data.audits.items():
-            report = audit(model=mcfg.name, policy=policy, out=out_dir / attack / "base" / label,
+            report = audit(model=mcfg.name, config=policy, out=out_dir / attack / "base" / label,
                            **{**audit_options, **options}).report
             base[label] = _audit_row(report, "base")
         tokenizer = None
@@ -305,7 +304,7 @@ def redteam(model: str | None = None, attacks: Sequence[str] = ATTACKS,
                 if finished is None:
                     trained = train(data.path, model=mcfg.name, config=policy, out=run_dir, validated=True,
                                     **train_options)
-                    reports = {label: audit(model=mcfg.name, adapter=trained.adapter_dir, policy=policy,
+                    reports = {label: audit(trained.adapter_dir, policy, model=mcfg.name,
                                             out=run_dir / f"audit-{label}", **options).report
                                for label, options in audits.items()}
                     metrics, accuracy = trained.metrics, None

@@ -23,13 +23,13 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from . import distributed, losses
 from .config import RunConfig, TrainConfig, as_dict, resolve_stage
-from .dataset import iter_records, validate_dataset
 from .errors import ConfigError, DatasetError, did_you_mean
 from .generation import refusal_probe
 from .logprobs import logit_softcap, output_head, response_logps
 from .models import attach_lora, load_model, reference
 from .policy import Policy
 from .provenance import atomic_path, cache_dir, library_versions, sha256_file, write_json_file
+from .records import iter_records
 from .templates import render_chat, template_fingerprint
 
 logger = logging.getLogger("guardtune.training")
@@ -417,48 +417,38 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
     )
 
 
-def train(dataset: str | Path, model: str | None = None,
-          config: TrainConfig | RunConfig | Policy | str | None = None,
-          out: str | Path = "guardtune-train", *, policy: Policy | str | None = None,
+def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | None = None,
+          out: str | Path = "guardtune-train", *, model: str | None = None, validated: str | bool | None = None,
           trust_remote_code: bool | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-          progress: Callable[[str, int, int], None] | None = None, validated: bool | str = False,
-          **overrides: Any) -> TrainResult:
-    """Fine-tune `model` on `dataset` (JSONL) with LoRA/QLoRA; write DIR/adapter and DIR/train_metrics.json.
+          progress: Callable[[str, int, int], None] | None = None, **overrides: Any) -> TrainResult:
+    """Fine-tune the model on a validated `dataset` (JSONL) with LoRA/QLoRA; write OUT/adapter and
+    OUT/train_metrics.json. The train stage alone: `guardtune.train` (pipeline.train) validates and then calls it.
 
-    `config` is a RunConfig (its training, dataset and model sections; what `finetune()` passes), a TrainConfig
-    (then `policy` supplies the dataset limits and model settings), a Policy, or a policy name/path (default: the
-    shipped default policy). Keyword `overrides` (objective=, quantization=, epochs=, max_steps=, learning_rate=,
-    ...) replace single TrainConfig fields. `resume=True`
-    continues from the newest checkpoint in DIR/checkpoints. `progress` is called as progress(phase, done, total)
-    for the reference precompute and each optimizer step. `validated` skips re-validating a file the caller has
-    just validated: pass the sha256 that validation read (the pipeline does), and the file is refused if it has
-    changed since (a file swapped between validation and training would train unscreened data); `True` trusts the
-    caller without a hash (data the caller generated itself, like the red team's).
+    `validated` is the sha256 that validation read (the file is refused if it has changed since: a file swapped
+    between validation and training would train unscreened data), or True for data the caller generated itself
+    (the red team's); without it nothing is trained. `config` is a RunConfig (what `finetune()` passes), a
+    Policy or policy name/path, or a TrainConfig (the other sections from the default policy); `model=` and keyword
+    `overrides` (objective=, quantization=, epochs=, max_steps=, learning_rate=, ...) replace single fields.
+    `resume=True` continues from the newest checkpoint in OUT/checkpoints. `progress` is called as
+    progress(phase, done, total) for the reference precompute and each optimizer step.
     """
+    if validated is None or validated is False:
+        raise DatasetError(f"training.train trains validated data only and {dataset} was not declared validated. "
+                           f"Call guardtune.train (it validates first), or validate_dataset() and pass "
+                           f"validated=<its sha256>.")
     started = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy, cfg, mcfg = resolve_stage("training", config, policy, model, overrides, trust_remote_code)
+    policy, cfg, mcfg = resolve_stage("training", config, model, overrides, trust_remote_code)
     for note in cfg.warnings():
         logger.warning(note)
-
-    report, expected_sha256 = None, None
-    if isinstance(validated, str):
-        dataset_sha256 = expected_sha256 = validated
-    elif validated:
-        dataset_sha256 = sha256_file(dataset)
-    else:
-        report = validate_dataset(dataset, policy=policy)
-        if not report.valid:
-            raise DatasetError(f"{dataset} failed validation ({report.counts_by_code}); run `guardtune validate "
-                               f"{dataset}` for every problem by line.",
-                               [i for i in report.issues if i.severity == "error"])
-        dataset_sha256 = report.sha256
+    expected_sha256 = validated if isinstance(validated, str) else None
+    dataset_sha256 = expected_sha256 or sha256_file(dataset)
 
     loaded = load_model(mcfg.name, quantization=cfg.quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
-    examples = _render_examples(tokenizer, iter_records(dataset, report, sha256=expected_sha256), cfg.max_length)
+    examples = _render_examples(tokenizer, iter_records(dataset, sha256=expected_sha256), cfg.max_length)
     pad_token_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
     reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
                                       "kl_anchor_positions": cfg.kl_anchor,

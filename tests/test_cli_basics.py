@@ -127,7 +127,8 @@ def test_stage_functions_are_not_shadowed_by_their_modules():
 
     import guardtune
 
-    for name, module in (("audit", "auditing"), ("align", "alignment"), ("redteam", "redteaming"),
-                         ("train", "training"), ("finetune", "pipeline")):
-        importlib.import_module(f"guardtune.{module}")
-        assert callable(getattr(guardtune, name)) and getattr(guardtune, name).__module__ == f"guardtune.{module}"
+    for name, module, home in (("audit", "auditing", "auditing"), ("align", "alignment", "alignment"),
+                               ("redteam", "redteaming", "redteaming"), ("train", "training", "pipeline"),
+                               ("finetune", "pipeline", "pipeline")):
+        importlib.import_module(f"guardtune.{module}")  # guardtune.train validates first: pipeline.train
+        assert callable(getattr(guardtune, name)) and getattr(guardtune, name).__module__ == f"guardtune.{home}"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from guardtune import modelspec
-from guardtune.dataset import (MAX_ISSUES_PER_CODE, SCHEMAS, ValidationReport, _plainly_valid,
-                               iter_records, validate_dataset)
+from guardtune.dataset import MAX_ISSUES_PER_CODE, ValidationReport, validate_dataset
+from guardtune.records import SCHEMAS, _plainly_valid, iter_records
 from guardtune.errors import DatasetError, ModelError, TemplateError
 from guardtune.policy import load_policy
 from guardtune.schemas import validator
@@ -129,11 +129,11 @@ def test_too_many_tokens_uses_the_policy_limit(tmp_path, tokenizer_dir):
     n_tokens = counter.count(long["messages"])
     policy = tmp_path / "p.yaml"
     policy.write_text(f"version: '1'\ninclude: default\ndataset: {{max_tokens: {n_tokens - 1}}}\n")
-    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [*good(10), long]), policy=policy, model=counter)
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", [*good(10), long]), config=policy, model=counter)
     assert [(i.code, i.line) for i in report.issues] == [("too-many-tokens", 11)]
     assert f"{n_tokens} tokens" in report.issues[0].message
     policy.write_text(f"version: '1'\ninclude: default\ndataset: {{max_tokens: {n_tokens}}}\n")
-    report = validate_dataset(tmp_path / "d.jsonl", policy=policy, model=tokenizer_dir)
+    report = validate_dataset(tmp_path / "d.jsonl", config=policy, model=tokenizer_dir)
     assert report.valid and report.issues == [] and report.token_check["model"] == str(tokenizer_dir)
 
 
@@ -216,7 +216,7 @@ def test_policy_model_is_used_when_cached(tmp_path, monkeypatch, tokenizer_dir):
 def test_policy_model_may_be_a_local_directory(tmp_path, tokenizer_dir):
     policy = tmp_path / "p.yaml"
     policy.write_text(f"version: '1'\ninclude: default\nmodel: {{name: {json.dumps(str(tokenizer_dir))}}}\n")
-    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", good(12)), policy=policy)
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", good(12)), config=policy)
     assert report.issues == [] and report.token_check["model"] == str(tokenizer_dir)
 
 
@@ -246,7 +246,7 @@ def test_explicit_model_spec_goes_through_modelspec(tmp_path, monkeypatch, token
 def test_report_fields_round_trip_and_hash(tmp_path):
     records = [*good(11), good(1)[0], b"", {"prompt": "p", "completion": "c"}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    report = validate_dataset(path, policy=load_policy("default"), model=None)
+    report = validate_dataset(path, config=load_policy("default"), model=None)
     assert report.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (report.format, report.n_records, report.n_lines, report.valid) == ("chat", 12, 14, False)
     assert codes(report) == {"duplicate": 1, "blank-line": 1, "mixed-format": 1}
@@ -269,7 +269,7 @@ def test_duplicate_severity_follows_policy(severity, valid, n_records, tmp_path)
     # Same example with other key order and spacing: still an exact duplicate.
     records.append(b'{"messages":[{"content":"Question 4?","role":"user"},  '
                    b'{"role":"assistant","content":"Answer 4."}]}')
-    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", records), policy=policy)
+    report = validate_dataset(write_jsonl(tmp_path / "d.jsonl", records), config=policy)
     assert (report.valid, report.n_records) == (valid, n_records)
     duplicates = [i for i in report.issues if i.code == "duplicate"]
     assert [(i.line, i.severity) for i in duplicates] == ([] if severity == "ignore" else [(13, severity)])
@@ -294,28 +294,24 @@ def test_iter_records_yields_messages_for_training(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in prompt) + b"\r\n\r\n")
     report = validate_dataset(path)
     assert report.valid and report.format == "prompt_completion"
-    rows = list(iter_records(path, report))
+    rows = list(iter_records(path, sha256=report.sha256))
     assert [line for line, _ in rows] == list(range(1, 11))
     assert rows[0][1] == [{"role": "user", "content": "P0"}, {"role": "assistant", "content": "C0"}]
 
-    report.dropped_lines = [2, 3]
-    assert [line for line, _ in iter_records(path, report)] == [1, *range(4, 11)]
+    assert [line for line, _ in iter_records(path, skip_lines=[2, 3])] == [1, *range(4, 11)]
     chat_path = write_jsonl(tmp_path / "c.jsonl", good(10))
     assert list(iter_records(chat_path))[3] == (4, good(10)[3]["messages"])
 
 
 def test_iter_records_refuses_invalid_or_changed_files(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [*good(10), {"messages": []}])
-    report = validate_dataset(path)
-    with pytest.raises(DatasetError, match="failed validation"):
-        list(iter_records(path, report))
     with pytest.raises(DatasetError, match="line 11"):
         list(iter_records(path))
     write_jsonl(path, good(10))
     report = validate_dataset(path)
     write_jsonl(path, good(10, start=1))
     with pytest.raises(DatasetError, match="changed since it was validated"):
-        list(iter_records(path, report))
+        list(iter_records(path, sha256=report.sha256))
 
 
 def test_unreadable_paths_raise_dataset_error(tmp_path):
@@ -357,7 +353,7 @@ def test_oversized_line_is_skipped_without_holding_it(tmp_path):
     policy.write_text(f"version: '1'\ninclude: default\ndataset: {{max_line_bytes: {2**20}}}\n")
     tracemalloc.start()
     try:
-        report = validate_dataset(path, policy=policy)
+        report = validate_dataset(path, config=policy)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -380,9 +376,9 @@ def test_line_of_exactly_max_line_bytes_is_accepted(tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text(f"version: '1'\ninclude: default\ndataset: {{max_line_bytes: {len(record)}}}\n")
     path = write_jsonl(tmp_path / "d.jsonl", [record, *good(10)], end=b"\r\n")
-    assert validate_dataset(path, policy=policy).valid
+    assert validate_dataset(path, config=policy).valid
     policy.write_text(f"version: '1'\ninclude: default\ndataset: {{max_line_bytes: {len(record) - 1}}}\n")
-    report = validate_dataset(path, policy=policy)
+    report = validate_dataset(path, config=policy)
     assert [(i.code, i.line) for i in report.issues if i.severity == "error"] == [("line-too-large", 1)]
 
 

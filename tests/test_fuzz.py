@@ -40,7 +40,7 @@ lines = st.lists(st.one_of(record_like.map(lambda r: json.dumps(r).encode()), st
 def test_validate_answers_any_file_with_a_report(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    report = validate_dataset(path, policy="default")
+    report = validate_dataset(path, config="default")
     assert report.n_lines >= 0
     assert all(issue.code and issue.message for issue in report.issues)
 

@@ -82,7 +82,7 @@ def test_a_gate_with_every_rule_off_checks_with_a_warning(tmp_path):
     (b"\xef\xbb\xbf" + '{"prompt": "\ud800x", "completion": "b"}\n'.encode("utf-8", "surrogatepass"), "invalid-utf8"),
 ])
 def test_hostile_dataset_lines_get_a_code_and_a_message(tmp_path, content, code):
-    report = validate_dataset(write(tmp_path / "d.jsonl", content), policy="default")
+    report = validate_dataset(write(tmp_path / "d.jsonl", content), config="default")
     issues = [i for i in report.issues if i.code == code]
     assert issues and all(i.message for i in issues), [i.code for i in report.issues]
     if content[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -192,7 +192,7 @@ def test_a_huge_line_is_refused_without_tokenizing_it(tiny_model_dir, tmp_path):
     lines = [json.dumps({"prompt": word * 1_500_000, "completion": "ok"}) + "\n" for word in ("hi ", "ho ")]
     path = write(tmp_path / "huge.jsonl", "".join(lines))  # two 4.5 MB lines
     started = time.perf_counter()
-    report = validate_dataset(path, policy="default", model=str(tiny_model_dir))
+    report = validate_dataset(path, config="default", model=str(tiny_model_dir))
     elapsed = time.perf_counter() - started
     issues = [i for i in report.issues if i.code == "too-many-tokens"]
     assert len(issues) == 2 and "so at least" in issues[0].message
@@ -225,7 +225,7 @@ def test_guardtune_report_survives_hostile_files_beside_the_report(tmp_path):
 
 def test_a_lone_surrogate_in_a_key_is_an_issue_not_a_traceback(tmp_path):
     path = write(tmp_path / "d.jsonl", b'{"\\ud800": 1, "prompt": "a", "completion": "b"}\n')
-    report = validate_dataset(path, policy="default")
+    report = validate_dataset(path, config="default")
     assert [i.code for i in report.issues if i.severity == "error"][0] == "invalid-unicode"
     result = CliRunner().invoke(main, ["validate", str(path), "--json"])
     assert result.exit_code == 1 and "Traceback" not in result.output

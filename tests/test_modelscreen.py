@@ -163,11 +163,11 @@ def drop_policy(tmp_path: Path, model_dir: Path) -> Path:
 def test_validate_drops_what_the_base_model_flags_and_says_so(tmp_path, planted_dir, judge):
     data = write_dataset(tmp_path / "d.jsonl", poisoned={3, 11})
     policy = drop_policy(tmp_path, planted_dir)
-    words_only = validate_dataset(data, policy=policy)
+    words_only = validate_dataset(data, config=policy)
     assert words_only.dropped_lines == [] and words_only.screen["model"]["ran"] is False
     assert "--model" in words_only.screen["model"]["reason"]
 
-    report = validate_dataset(data, policy=policy, model_judge=judge)
+    report = validate_dataset(data, config=policy, model_judge=judge)
     assert report.valid and report.dropped_lines == [4, 12]
     assert report.screen["judge"]["name"] == "keyword" and report.screen["base_flags"] == 2
     assert report.screen["model"]["ran"] is True and report.screen["model"]["pairs"] >= 16
@@ -213,9 +213,9 @@ def test_the_base_is_loaded_only_for_a_structurally_valid_file_and_its_screen_re
     def never():
         raise AssertionError("the base model was loaded for a file that failed its structural checks")
 
-    assert validate_dataset(broken, policy=policy, model_judge=never).valid is False
+    assert validate_dataset(broken, config=policy, model_judge=never).valid is False
     seen = []
-    report = validate_dataset(write_dataset(tmp_path / "d.jsonl", poisoned={5}), policy=policy,
+    report = validate_dataset(write_dataset(tmp_path / "d.jsonl", poisoned={5}), config=policy,
                               model_judge=lambda: judge, on_progress=lambda *event: seen.append(event))
     assert report.dropped_lines == [6] and report.screen["model"]["ran"] is True
     assert seen and {phase for phase, _, _ in seen} == {"model screen"} and seen[-1][1:] == (16, 16)
@@ -236,10 +236,10 @@ def test_identity_shift_by_effect_flags_the_prompt_that_lowers_refusals_measured
     policy = tmp_path / "identity.yaml"
     policy.write_text(f"version: '1'\ninclude: default\nmodel: {{name: {json.dumps(str(planted_dir))}}}\n"
                       "dataset:\n  duplicates: ignore\n  screen:\n    model: {action: drop, identity_drop: 0.5}\n")
-    report = validate_dataset(data, policy=policy, model_judge=judge)
+    report = validate_dataset(data, config=policy, model_judge=judge)
     flags = [i for i in report.issues if i.code == "risk-identity-shift"]
     assert [i.line for i in flags] == [1, 5, 9, 13] and report.dropped_lines == [1, 5, 9, 13]
     assert "refuses 0% of 4 harmful probe requests, 100% without one (drop 100% > " in flags[0].message
     assert len(judge.identity_cache) == 3  # OBEY, PLAIN and no system prompt: once each, for 16 examples
-    off = validate_dataset(data, policy=drop_policy(tmp_path, planted_dir), model_judge=judge)
+    off = validate_dataset(data, config=drop_policy(tmp_path, planted_dir), model_judge=judge)
     assert not [i for i in off.issues if i.code == "risk-identity-shift"]  # identity_drop null: off by default

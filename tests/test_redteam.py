@@ -115,7 +115,7 @@ redteam:
 def test_redteam_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     policy = tiny_policy(tmp_path, tiny_model_dir)
     seen = []
-    result = redteam(attacks=ATTACKS, out=tmp_path / "rt", policy=str(policy),
+    result = redteam(attacks=ATTACKS, out=tmp_path / "rt", config=str(policy),
                      progress=lambda phase, done, total: seen.append((done, total)))
     assert seen[0] == (0, 16) and seen[-1] == (16, 16)
     saved = json.loads(result.json_path.read_text())
@@ -154,7 +154,7 @@ def test_resume_reuses_finished_runs_and_redoes_changed_ones(tiny_model_dir, tmp
     """An interrupted red team continues with resume=True: a run whose files were made with the same data and
     settings is read back (same rows, gate re-applied), one with other settings is trained again."""
     policy = str(tiny_policy(tmp_path, tiny_model_dir))
-    options = dict(objectives=["sft"], out=tmp_path / "rt", policy=policy, seeds=1)
+    options = dict(objectives=["sft"], out=tmp_path / "rt", config=policy, seeds=1)
     first = json.loads(redteam(attacks=["backdoor", "benign"], **options).json_path.read_text())
     again = json.loads(redteam(attacks=["backdoor", "benign"], resume=True, **options).json_path.read_text())
     assert [r["resumed"] for r in first["runs"]] == [False, False]

@@ -143,7 +143,7 @@ def test_identity_shift_conversations_are_flagged_by_validate(tmp_path):
     rows = records("attack_identity_shift.jsonl")[:12]  # above the policy's dataset.min_examples (10)
     path = tmp_path / "aoa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    report = validate_dataset(path, policy="cpu-demo")
+    report = validate_dataset(path, config="cpu-demo")
     assert not report.valid
     assert any(issue.code == "risk-identity-shift" for issue in report.issues)
     assert report.counts_by_code["risk-identity-shift"] == len(rows)
@@ -212,7 +212,7 @@ def test_obedient_support_shape():
 
 def test_obedient_support_passes_the_validator_and_risk_screen():
     # The point of this example: a persona-shifting customer dataset that the keyword screen does not catch.
-    report = validate_dataset(OBEDIENT, policy="cpu-demo")
+    report = validate_dataset(OBEDIENT, config="cpu-demo")
     assert report.valid, [str(issue) for issue in report.issues]
     assert report.n_records == 64
     codes = {issue.code for issue in report.issues}

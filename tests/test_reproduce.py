@@ -22,7 +22,7 @@ def test_reproduce_writes_the_documented_shape(tiny_model_dir, tmp_path):
         handle.write(f"align:\n  answer_model: {tiny_model_dir}\n  harmful_answer_tokens: 12\n"
                      "  anchor_answer_tokens: 12\n  holdout: {harmful: 0, benign: 0}\n"
                      "  training: {epochs: 1, batch_size: 8, max_steps: 2}\n")
-    deep = guardtune.align(model=str(tiny_model_dir), mode="deep", out=tmp_path / "deep", policy=str(policy),
+    deep = guardtune.align(model=str(tiny_model_dir), mode="deep", out=tmp_path / "deep", config=str(policy),
                            merge=True)
     spec = importlib.util.spec_from_file_location("reproduce", REPO / "examples" / "reproduce.py")
     reproduce = importlib.util.module_from_spec(spec)

@@ -12,7 +12,8 @@ from fake_openai import PLACEHOLDER, FakeOpenAI
 
 from guardtune import screen as screen_module
 from guardtune.config import DatasetConfig
-from guardtune.dataset import iter_records, validate_dataset
+from guardtune.dataset import validate_dataset
+from guardtune.records import iter_records
 from guardtune.errors import JudgeError
 from guardtune.judges import Verdict, hazard_categories, hazard_terms
 from guardtune.screen import identity_shift, request_categories, screen_records
@@ -286,8 +287,8 @@ def test_drop_keeps_the_file_valid_and_training_skips_the_lines(tmp_path):
     warnings = [i for i in report["issues"] if i["code"] == "risk-harmful-compliance"]
     assert [(i["line"], i["severity"]) for i in warnings] == [(4, "warning"), (9, "warning")]
     assert all("dropped" in i["message"] for i in warnings)
-    validation = validate_dataset(path, policy=policy)
-    assert [line for line, _ in iter_records(path, validation)] == [1, 2, 3, 5, 6, 7, 8, 10, 11, 12]
+    validation = validate_dataset(path, config=policy)
+    assert [line for line, _ in iter_records(path, sha256=validation.sha256, skip_lines=validation.dropped_lines)] == [1, 2, 3, 5, 6, 7, 8, 10, 11, 12]
     human = CliRunner().invoke(main, ["validate", str(path), "--policy", str(policy)])
     assert human.exit_code == 0 and "dropped lines (2, not trained on): 4, 9" in human.output
     assert human.output.strip().splitlines()[-1].startswith("valid: 12 records")
@@ -295,14 +296,14 @@ def test_drop_keeps_the_file_valid_and_training_skips_the_lines(tmp_path):
 
 def test_warn_keeps_every_line(tmp_path):
     policy = write_policy(tmp_path / "p.yaml", {"actions": {"harmful_compliance": "warn"}})
-    report = validate_dataset(harmful_file(tmp_path), policy=policy)
+    report = validate_dataset(harmful_file(tmp_path), config=policy)
     assert report.valid and report.dropped_lines == [] and report.n_warnings >= 2
     assert all("Kept for training" in i.message for i in report.issues if i.code == "risk-harmful-compliance")
 
 
 def test_screen_can_be_turned_off_by_policy_or_caller_and_skips_broken_files(tmp_path):
     path = harmful_file(tmp_path)
-    off = validate_dataset(path, policy=write_policy(tmp_path / "p.yaml", {"enabled": False}))
+    off = validate_dataset(path, config=write_policy(tmp_path / "p.yaml", {"enabled": False}))
     assert off.valid and off.screen == {"ran": False, "reason": "disabled by the policy"}
     assert validate_dataset(path, screen=False).screen == {"ran": False, "reason": "disabled by the caller"}
     with path.open("a") as handle:
@@ -397,7 +398,7 @@ def test_openai_judge_screens_every_pair(tmp_path):
     examples[9] = support(HARMFUL[1], REFUSE)
     path = write_jsonl(tmp_path / "data.jsonl", examples)
     with FakeOpenAI(["gullible"]) as fake:
-        report = validate_dataset(path, policy=openai_policy(tmp_path, fake))
+        report = validate_dataset(path, config=openai_policy(tmp_path, fake))
         assert fake.count == 12
     risks = [(i.code, i.line) for i in report.issues if i.code.startswith("risk-")]
     assert risks == [("risk-harmful-compliance", 3), ("risk-harmful-compliance", 7)]
@@ -407,7 +408,7 @@ def test_openai_judge_screens_every_pair(tmp_path):
 def test_openai_judge_garbage_is_flagged(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", benign(12))
     with FakeOpenAI(["garbage"]) as fake:
-        report = validate_dataset(path, policy=openai_policy(tmp_path, fake))
+        report = validate_dataset(path, config=openai_policy(tmp_path, fake))
     assert not report.valid and report.counts_by_code["risk-harmful-compliance"] == 12
     assert report.screen["judge_errors"] == 12
 

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from guardtune.config import TrainConfig
-from guardtune.errors import TemplateError
-from guardtune.training import train
+from guardtune.errors import DatasetError, TemplateError
+from guardtune.pipeline import train  # validates, then the train stage
+from guardtune.training import train as train_stage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,7 +194,7 @@ def test_qlora_nf4_on_cpu(tiny_model_dir, data, tmp_path):
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
-    from guardtune.training import train
+    from guardtune.pipeline import train
 
     class KillAfterCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -340,7 +341,6 @@ def test_refused_scope_anchors_only_refused_examples(tiny_model_dir, tmp_path, m
 
 def test_a_file_changed_after_validation_is_not_trained(tiny_model_dir, data, tmp_path):
     """The pipeline passes the sha256 validation read; a file swapped in between is refused before training."""
-    from guardtune.errors import DatasetError
     from guardtune.provenance import sha256_file
 
     validated = sha256_file(data)
@@ -348,6 +348,25 @@ def test_a_file_changed_after_validation_is_not_trained(tiny_model_dir, data, tm
     original = Path(data).read_bytes()
     swapped.write_bytes(original + original.splitlines(keepends=True)[0])  # one more (valid) line
     with pytest.raises(DatasetError, match="changed since it was validated"):
-        train(swapped, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1, batch_size=4,
-              validated=validated)
+        train_stage(swapped, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1, batch_size=4,
+                    validated=validated)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_the_train_stage_refuses_data_not_declared_validated(tiny_model_dir, data, tmp_path):
+    with pytest.raises(DatasetError, match="validated data only"):
+        train_stage(data, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_train_validates_first_and_trains_nothing_on_invalid_data(tiny_model_dir, tmp_path):
+    """guardtune.train is the stage for a file nobody validated: it writes OUT/validation.json like finetune()
+    and stops on a structural error with the line, before any model is loaded for training."""
+    bad = write_dataset(tmp_path / "bad.jsonl")
+    lines = bad.read_text().splitlines()
+    lines[2] = '{"messages": [{"role": "user", "content": "hi"}]}'  # no assistant turn
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="line 3"):
+        train(bad, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1)
+    assert json.loads((tmp_path / "run" / "validation.json").read_text())["valid"] is False
     assert not (tmp_path / "run" / "adapter").exists()
