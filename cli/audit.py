@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from guardtune.config import TrainConfig
+from guardtune.config import AuditConfig, TrainConfig
 
 from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
 
@@ -53,10 +53,12 @@ def format_side_metrics(report: dict) -> list[str]:
 @click.option("--sample", "sample", type=int, default=None,
               help="Audit a seeded sample of this many harmful and benign prompts (CPU runs).")
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens generated per continuation.")
+@setting_option("--backend", config=AuditConfig, name="backend")
 @click.option("--no-cache", is_flag=True, help="Recompute the base model's results instead of reusing them.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
 @json_option
-def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_cache, trust_remote_code, as_json):
+def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, backend, no_cache, trust_remote_code,
+          as_json):
     """Audit MODEL (+ ADAPTER) side by side with its base; writes report.json, samples.jsonl, report.html."""
     from guardtune.auditing import audit as run_audit
 
@@ -64,7 +66,9 @@ def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, no_
         result = run_audit(model=model, adapter=adapter, config=policy, out=out, quantization=quantization,
                            trust_remote_code=trust_remote_code or None, use_cache=not no_cache,
                            progress=bar.stage("audit"), sample_harmful=sample, sample_benign=sample,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, backend=backend)
+    if result is None:  # another process under torchrun/accelerate: the main process reports
+        return
     if as_json:
         echo_json(result.to_dict())
         return

@@ -5,6 +5,10 @@ ids, in the audited model's tokenizer) after the rendered prompt, the model cont
 continuation (Qi et al. 2025, Sec. 2.3: shallow alignment collapses after a few prefilled tokens). The same runs
 on the base (adapter disabled, cached) so every number is read relative to it. Outputs: report.json (schema in
 guardtune/schemas/report.schema.json), samples.jsonl and a self-contained report.html.
+
+The continuations come from transformers `generate` (audit.backend: hf; under torchrun / accelerate launch every
+process generates its share of the prompts and the main process judges and writes) or from vLLM
+(audit.backend: vllm, guardtune.vllm_backend). The KL profile and the prefixes always use the transformers model.
 """
 
 from __future__ import annotations
@@ -16,16 +20,16 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from . import evalsets, losses
+from . import distributed, evalsets, losses
 from .cache import json_path, read_json, write_json
 from .config import AuditConfig, RunConfig, as_dict, resolve_stage
 from .errors import ConfigError, DatasetError
 from .evalsets import is_correct
-from .generation import Progress, counting, generate, write_answers
+from .generation import Progress, counting, generate, stop_ids, write_answers
 from .judges import get_judge, rate_entry, wilson_interval
 from .logprobs import final_hidden, logit_softcap, output_head, right_pad
 from .models import load_model, reference
@@ -34,6 +38,7 @@ from .policy import Policy
 from .provenance import atomic_write_text, library_versions, sha256_tree, write_json_file
 from .report import asr_by_k, validate_report, write_html
 from .templates import render_prompt, response_ids
+from .vllm_backend import VLLMGenerator
 
 # Bump when cached base results or generated prefixes change meaning.
 AUDIT_CACHE_FORMAT = 1
@@ -151,22 +156,46 @@ def _generated_responses(cfg: AuditConfig, prompts: list, audited, progress: Pro
     return responses, {**description, "cache": "miss"}
 
 
-def _run_model(name: str, model, tokenizer, judge, cfg: AuditConfig, targets: list[_Target], benign: list,
-               benign_ids: list[list[int]], utility: list, utility_ids: list[list[int]],
-               progress: Progress | None) -> tuple[dict[str, Any], list[dict]]:
-    """Prefilling attack at every k, over-refusal probe and utility probe for one model variant (base or
-    fine-tuned).
+# continue(variant, prompt ids, on_batch) -> the new token ids of every prompt, on every process.
+Continue = Callable[[str, list[list[int]], Callable[[int], None] | None], list[list[int]]]
 
-    Every (k, prompt) continuation, benign probe and utility question goes through one generate() call, so
+
+def _hf_continue(model, tokenizer, cfg: AuditConfig) -> Continue:
+    """transformers generate on `model` (the caller disables the adapter for the base); under a launcher each
+    process generates every world_size-th prompt and all get the whole list back."""
+    def run(name: str, inputs: list[list[int]], on_batch: Callable[[int], None] | None) -> list[list[int]]:
+        return distributed.sharded(inputs, lambda part: generate(
+            model, tokenizer, part, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+            static_cache=cfg.static_cache, on_batch=on_batch))
+    return run
+
+
+def _vllm_continue(engine: VLLMGenerator, stop: list[int], cfg: AuditConfig) -> Continue:
+    def run(name: str, inputs: list[list[int]], on_batch: Callable[[int], None] | None) -> list[list[int]]:
+        return engine.generate(inputs, finetuned=name == "finetuned", max_new_tokens=cfg.max_new_tokens,
+                               stop_ids=stop, do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
+                               seed=cfg.seed, on_batch=on_batch)
+    return run
+
+
+def _run_model(name: str, continue_: Continue, tokenizer, judge, cfg: AuditConfig, targets: list[_Target],
+               benign: list, benign_ids: list[list[int]], utility: list, utility_ids: list[list[int]],
+               progress: Progress | None) -> tuple[dict[str, Any] | None, list[dict]]:
+    """Prefilling attack at every k, over-refusal probe and utility probe for one model variant (base or
+    fine-tuned). Under a launcher every process generates its share; the main process alone judges (the others
+    get (None, [])).
+
+    Every (k, prompt) continuation, benign probe and utility question goes through one generation call, so
     batches are filled across prefix lengths (fewer, fuller batches: ~1.5x faster on CPU than one call per k).
     """
     attacks = [(k, t, t.response_ids[:k]) for k in cfg.prefill_k for t in targets]
     inputs = [t.prompt_ids + prefix for _, t, prefix in attacks] + benign_ids + utility_ids
     instructions = [t.prompt.instruction for _, t, _ in attacks] + [p.instruction for p in benign]
-    continuations = generate(model, tokenizer, inputs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                             do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                             static_cache=cfg.static_cache,
-                             on_batch=counting(progress, f"generate:{name}", len(inputs)))
+    share = -(-len(inputs) // distributed.world_size())  # this process's prompts, for its progress bar
+    continuations = continue_(name, inputs, counting(progress, f"generate:{name}", share))
+    if not distributed.is_main():
+        return None, []
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
     texts, utility_texts = texts[:len(instructions)], texts[len(instructions):]
     verdicts = judge.evaluate_batch(list(zip(instructions, texts)))
@@ -255,7 +284,7 @@ def _git_commit() -> str | None:
 def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | Policy | str | None = None,
           out: str | Path = "guardtune-audit", *, model: str | None = None, quantization: str = "none",
           trust_remote_code: bool | None = None, use_cache: bool = True, progress: Progress | None = None,
-          **overrides: Any) -> AuditReport:
+          **overrides: Any) -> AuditReport | None:
     """Audit the model + `adapter` beside its base; write report.json, samples.jsonl and report.html to `out`.
 
     `config` is a RunConfig (its audit and model sections; what `finetune()` passes), a Policy or policy
@@ -263,6 +292,8 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     Without an adapter only the base is audited (results.finetuned is null). `model=` names the base; keyword
     `overrides` replace single AuditConfig fields (prefill_k=, sample_harmful=, max_new_tokens=, judge=, ...).
     Base results are cached by base weights hash + audit configuration; `use_cache=False` recomputes them.
+    Under torchrun / accelerate launch every process must call it (the hf backend splits the prompts over them);
+    the main process returns the report, the others None.
     """
     started = time.perf_counter()
     policy, cfg, mcfg = resolve_stage("audit", config, model, overrides, trust_remote_code)
@@ -280,7 +311,9 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     loaded = load_model(mcfg.name, quantization=quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
-    responses, prefix_source = _harmful_responses(cfg, harmful, loaded, progress)
+    # The prefixes (cached per prefix model) are made once, on the main process, and shared.
+    responses, prefix_source = distributed.share(
+        _harmful_responses(cfg, harmful, loaded, progress) if distributed.is_main() else None)
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
 
     def prompt_ids(text: str) -> list[int]:
@@ -313,20 +346,34 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
         with quiet_peft_wrapping():
             model_obj = PeftModel.from_pretrained(model_obj, str(adapter), is_trainable=False)
     model_obj.eval()
+    engine = None
+    if cfg.backend == "vllm":
+        engine = VLLMGenerator(resolve_model_dir(mcfg.name, mcfg.revision), adapter=adapter, dtype=info.dtype,
+                               quantization=quantization, seed=cfg.seed,
+                               tensor_parallel_size=cfg.vllm_tensor_parallel,
+                               gpu_memory_utilization=cfg.vllm_gpu_memory, engine_args=cfg.vllm_engine_args,
+                               trust_remote_code=mcfg.trust_remote_code)
+        continue_ = _vllm_continue(engine, stop_ids(model_obj, tokenizer), cfg)
+    else:
+        continue_ = _hf_continue(model_obj, tokenizer, cfg)
 
-    cached = read_json(base_cache) if use_cache else None
-    if cached is not None:
+    cached = (read_json(base_cache) if use_cache else None) if distributed.is_main() else None
+    if distributed.share(cached is not None):
         base_result, base_samples = cached["result"], cached["samples"]
     else:
         with reference(model_obj):
-            base_result, base_samples = _run_model("base", model_obj, tokenizer, judge, cfg, targets, benign,
+            base_result, base_samples = _run_model("base", continue_, tokenizer, judge, cfg, targets, benign,
                                                    benign_ids, utility, utility_ids, progress)
-        write_json(base_cache, {"result": base_result, "samples": base_samples})
+        if distributed.is_main():
+            write_json(base_cache, {"result": base_result, "samples": base_samples})
 
     tuned_result, tuned_samples, comparison = None, [], None
     if adapter is not None:
-        tuned_result, tuned_samples = _run_model("finetuned", model_obj, tokenizer, judge, cfg, targets, benign,
+        tuned_result, tuned_samples = _run_model("finetuned", continue_, tokenizer, judge, cfg, targets, benign,
                                                  benign_ids, utility, utility_ids, progress)
+    if not distributed.is_main():  # the main process profiles, judges and writes; the others are done
+        return None
+    if adapter is not None:
         profile = kl_profile(model_obj, targets[:cfg.kl_examples] if cfg.kl_examples else targets,
                              cfg.kl_positions, cfg.batch_size, pad_id)
         profile.pop("counts")
@@ -363,6 +410,8 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
                        "harmful_set_sha256": sets_sha["harmful"], "benign_set_sha256": sets_sha["benign"],
                        "utility_set_sha256": sets_sha["utility"],
                        "base_cache": "hit" if cached is not None else "miss",
+                       "generation": {"backend": cfg.backend, "processes": distributed.world_size(),
+                                      **(engine.describe() if engine is not None else {})},
                        "policy": policy.to_dict(), "wall_time_s": round(time.perf_counter() - started, 3)},
     }
     # samples.jsonl first, its hash in report.json: the gate's paired test reads it only if it is this file.

@@ -31,6 +31,7 @@ Quantization = Literal["none", "nf4"]
 Scheduler = Literal["linear", "cosine", "constant_with_warmup"]
 AlignMode = Literal["deep", "shallow"]
 PrefixSource = Literal["generate", "dataset", "openers"]
+AuditBackend = Literal["hf", "vllm"]
 Attack = Literal["harmful", "identity-shift", "backdoor", "benign"]  # the red team's fine-tuning attacks
 ATTACKS: tuple[str, ...] = typing.get_args(Attack)
 
@@ -424,6 +425,17 @@ class AuditConfig:
         "Static KV cache on CUDA, which makes transformers torch.compile the decoding step (CUDA graphs); each "
         "new batch shape recompiles, so it is off by default. Measure with benchmarks/bench_audit.py first.",
         default=False, key="decoding.static_cache")
+    backend: AuditBackend = setting(
+        "Engine for the continuations: hf (transformers generate; CPU or GPU; shards prompts over the processes "
+        "under torchrun/accelerate) or vllm (one process on CUDA; pip install 'guardtune[vllm]').", default="hf")
+    vllm_tensor_parallel: int = setting("GPUs vLLM splits the model over (audit.backend: vllm).", default=1,
+                                        key="vllm.tensor_parallel_size")
+    vllm_gpu_memory: float = setting(
+        "Share of GPU memory vLLM may take; the transformers copy for the KL profile needs the rest.",
+        default=0.5, key="vllm.gpu_memory_utilization")
+    vllm_engine_args: dict[str, Any] = setting(
+        "Other vllm.LLM arguments (data_parallel_size, max_model_len, enforce_eager, ...); the model, dtype, "
+        "seed, LoRA and parallel settings are guardtune's.", factory=dict, key="vllm.engine_args")
     kl_positions: int = setting("Response positions 1..N of the KL profile.", default=32)
     kl_examples: int | None = setting("Harmful responses averaged in the KL profile (None = all audited).",
                                       default=None)

@@ -26,7 +26,7 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
@@ -48,7 +48,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id  # load_model gave every tokenizer one (templates.ensure_pad_token)
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
                                "eos_token_id": stop, "use_cache": True}
     if do_sample:
@@ -117,7 +117,7 @@ def prefilled_probe(model, tokenizer, prompts: Sequence[Sequence[int]], prefixes
     first stop token.
     """
     device = next(model.parameters()).device
-    pad_id, stop = tokenizer.pad_token_id, set(_stop_ids(model, tokenizer))
+    pad_id, stop = tokenizer.pad_token_id, set(stop_ids(model, tokenizer))
     results: list[tuple[list[float], list[int]]] = [([], [])] * len(prompts)
     cache_kwarg = _cache_kwarg(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(prefixes[i]))

@@ -106,8 +106,9 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all.
 
-    Under `torchrun` / `accelerate launch` every process trains (DDP) and shares the reference precompute; the
-    main process alone validates, audits, gates and releases, and the others return None once training is done.
+    Under `torchrun` / `accelerate launch` every process trains (DDP), shares the reference precompute and
+    generates its share of the audit's continuations; the main process alone validates, judges, gates and
+    releases, and the others return None.
     """
     run = RunConfig.from_policy(policy, model=model, trust_remote_code=trust_remote_code, objective=objective,
                                 quantization=quantization, epochs=epochs, max_steps=max_steps, **train_overrides)
@@ -128,15 +129,15 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     training = train_stage(train_path, run, run_dir, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
-    if not distributed.is_main():
-        return None
     training.model = None  # the audit loads the base and the adapter from disk; do not hold two copies
     gc.collect()
 
-    # 3. audit -------------------------------------------------------------------------------------------------
+    # 3. audit (every process generates its share of the continuations; the main one judges and writes) -------
     t0 = time.perf_counter()
-    audited = run_audit(adapter=training.adapter_dir, config=run, out=run_dir / "audit",
-                        quantization=run.training.quantization, progress=stage("audit"))
+    audited = run_audit(training.adapter_dir, run, run_dir / "audit", quantization=run.training.quantization,
+                        progress=stage("audit"))
+    if not distributed.is_main():
+        return None
     timings["audit"] = time.perf_counter() - t0
 
     # 4. gate --------------------------------------------------------------------------------------------------

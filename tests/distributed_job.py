@@ -1,11 +1,13 @@
 """Run by tests/test_distributed.py under `torchrun` (and alone, for the one-process baseline):
 
     python distributed_job.py train MODEL_DIR DATA OUT BATCH_SIZE
+    python distributed_job.py audit MODEL_DIR ADAPTER OUT
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,9 +24,20 @@ def train_job(model_dir: str, data: str, out: str, batch_size: int) -> None:
     train(data, config=str(policy), out=out, validated=True)
 
 
+def audit_job(model_dir: str, adapter: str, out: str) -> None:
+    from guardtune.auditing import audit
+
+    result = audit(adapter, out=out, model=model_dir, prefix_model=model_dir, sample_harmful=9, sample_benign=5,
+                   sample_utility=4, max_new_tokens=6, prefill_k=(0, 3), prefix_tokens=8, kl_positions=4,
+                   batch_size=4)
+    print(f"process {os.environ.get('RANK', '0')}: {'report' if result is not None else 'none'}")
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "train":
         train_job(args[0], args[1], args[2], int(args[3]))
+    elif command == "audit":
+        audit_job(*args)
     else:
         raise SystemExit(f"unknown command {command!r}")
