@@ -1,17 +1,34 @@
-"""Shared CLI plumbing: JSON output, the --policy option, issue rendering."""
+"""Shared CLI plumbing: JSON output, the --policy/--set options, issue rendering."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import click
 
 from guardtune.config import choices, help_for
+from guardtune.policy import load_policy, parse_overrides
 
-policy_option = click.option("--policy", "-p", default="default", show_default=True, metavar="NAME|PATH",
-                             help="Shipped policy name (`guardtune policies list`) or a policy YAML file.")
+
+def policy_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--policy NAME|PATH and --set KEY=VALUE (repeatable): the command receives `policy` as the name/path, or, with
+    --set, as the loaded Policy with the overrides applied and schema-checked (recorded in every artifact)."""
+    @functools.wraps(command)
+    def run(*args: Any, policy: str, **kwargs: Any) -> Any:
+        overrides = kwargs.pop("set")  # named `set` so its environment variable is GUARDTUNE_<COMMAND>_SET
+        if overrides:
+            policy = load_policy(policy, parse_overrides(overrides))
+        return command(*args, policy=policy, **kwargs)
+
+    run = click.option("--set", "set", multiple=True, metavar="KEY=VALUE",
+                       help="Override one policy key (dotted, e.g. training.optimizer.learning_rate=1e-4 or "
+                            "audit.sample.harmful=50); repeatable; checked against the policy schema.")(run)
+    return click.option("--policy", "-p", default="default", show_default=True, metavar="NAME|PATH",
+                        help="Shipped policy name (`guardtune policies list`) or a policy YAML file.")(run)
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 
 

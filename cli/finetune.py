@@ -20,12 +20,16 @@ from ._common import StageProgress, echo_json, json_option, policy_option, setti
               help="Run directory (default: guardtune-runs/<run id>).")
 @click.option("--epochs", type=float, default=None, help="Passes over the data.")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides epochs).")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate.")
+@click.option("--batch-size", type=int, default=None, help="Examples per forward pass (per process).")
+@click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and dropout.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
 @json_option
-def finetune(dataset, model, policy, objective, quantization, out, epochs, max_steps, trust_remote_code, as_json):
+def finetune(dataset, model, policy, objective, quantization, out, epochs, max_steps, learning_rate, batch_size, seed,
+             trust_remote_code, as_json):
     """Validate DATASET, fine-tune, audit beside the base, gate on the policy, release or quarantine.
 
-    Exit 0 released, 3 rejected (quarantined), 1 error.
+    Exit 0 released, 1 bad input, 3 rejected (quarantined), 4 infrastructure/internal failure.
     """
     if epochs is not None and max_steps is not None:
         raise click.UsageError("Give --epochs or --max-steps, not both.")
@@ -38,6 +42,7 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
     with StageProgress(enabled=is_main()) as bar:  # under a launcher, the main process reports
         result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,
+                              learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                               trust_remote_code=trust_remote_code or None, progress=bar)
     if result is None:  # another process of a multi-process job: the main process audits, gates and releases
         return

@@ -42,6 +42,8 @@ def gate(report_path: str, policy: str, out: str | None, as_json: bool) -> None:
         if out:
             click.echo(f"wrote {out}")
     if not decision.passed:
+        if as_json:  # the decision object above is the one JSON answer; the exit code says rejected
+            raise SystemExit(GateRejected.exit_code)
         failed = len(decision.failed_rules)
         raise GateRejected(f"gate rejected the adapter: {failed} rule(s) failed under policy "
                            f"{decision.policy['name']} v{decision.policy['version']}.", decision)

@@ -30,6 +30,8 @@ def verify(path: str, as_json: bool) -> None:
         if result.ok:
             click.secho("ok: every file matches manifest.json", fg="green")
     if not result.ok:
+        if as_json:  # the verification object above is the one JSON answer; the exit code says it failed
+            raise SystemExit(VerificationError.exit_code)
         bad = len(result.mismatched) + len(result.missing) + len(result.unexpected)
         names = ", ".join([*result.mismatched, *result.missing, *result.unexpected][:5])
         raise VerificationError(f"{result.path} does not match its manifest: {bad} file(s) differ"

@@ -492,6 +492,8 @@ class ReleaseConfig:
     SECTION: ClassVar[str] = "release"
     include_samples: bool = setting("Copy samples.jsonl (contains harmful text) into the release.", default=False)
     include_training_data: bool = setting("Copy the training data into the release.", default=False)
+    license: str | None = setting("License id in the model card's metadata (e.g. apache-2.0, llama3.1); None: the "
+                                  "embedded base's license, else 'other'.", default=None)
 
 
 def as_dict(config: Any) -> dict[str, Any]:

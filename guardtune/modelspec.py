@@ -170,6 +170,30 @@ def list_embedded() -> list[dict[str, Any]]:
     return rows
 
 
+def hub_id(spec: str) -> str | None:
+    """The Hugging Face repository a spec stands for (a model card's `base_model`): a hub spec itself, an embedded
+    model's upstream (an aligned one's base: its adapter is guardtune's), None for a local directory or a spec
+    that resolves to nothing."""
+    try:
+        kind = classify_spec(spec)
+    except ModelError:
+        return None
+    if kind == "hub":
+        return spec
+    if kind == "embedded":
+        entry = EMBEDDED[spec]
+        base = EMBEDDED[entry.base] if isinstance(entry, AlignedModel) else entry
+        prefix = "https://huggingface.co/"
+        return base.source[len(prefix):] if base.source.startswith(prefix) else None
+    return None
+
+
+def model_license(spec: str) -> str | None:
+    """An embedded model's license as a hub license id (apache-2.0), else None (unknown here)."""
+    entry = EMBEDDED.get(spec)
+    return entry.license.lower() if entry is not None else None
+
+
 def classify_spec(spec: str) -> str:
     """'local' for an existing directory, 'embedded' for a registry name, 'hub' for 'org/name'."""
     if Path(spec).expanduser().is_dir():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from . import distributed
 from .config import RunConfig, TrainConfig, resolve_stage
 from .dataset import ValidationReport, validate_dataset
 from .errors import DatasetError, GuardtuneError
+from .errors import stage as error_stage
 from .gate import GateDecision, decide
 from .modelscreen import load_base_judge
 from .modelspec import resolve_model_dir
@@ -78,7 +80,9 @@ class RunResult:
 
 
 def new_run_id(dataset_sha256: str) -> str:
-    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{dataset_sha256[:8]}"
+    """<UTC time>-<data hash>-<random>: sorts by time, names the data, and two jobs on the same file in the same
+    second still get different ids."""
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{dataset_sha256[:8]}-{secrets.token_hex(3)}"
 
 
 def _kept_lines(source: Path, dropped: set[int], target: Path, validated_sha256: str) -> str:
@@ -121,12 +125,14 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
 
     # 1. validate (and risk screen), on the main process; the others wait for its plan -----------------------------
     t0 = time.perf_counter()
-    validation, run_id, run_dir, train_path, filtered_sha = _validate_on_main(dataset, run, out, stage)
+    with error_stage("validate"):
+        validation, run_id, run_dir, train_path, filtered_sha = _validate_on_main(dataset, run, out, stage)
     timings["validate"] = time.perf_counter() - t0
 
     # 2. train (every process) ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    training = train_stage(train_path, run, run_dir, progress=stage("train"), validated=filtered_sha)
+    with error_stage("train"):
+        training = train_stage(train_path, run, run_dir, progress=stage("train"), validated=filtered_sha)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
     training.model = None  # the audit loads the base and the adapter from disk; do not hold two copies
@@ -134,34 +140,37 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
 
     # 3. audit (every process generates its share of the continuations; the main one judges and writes) -------
     t0 = time.perf_counter()
-    audited = run_audit(training.adapter_dir, run, run_dir / "audit", quantization=run.training.quantization,
-                        progress=stage("audit"))
+    with error_stage("audit"):
+        audited = run_audit(training.adapter_dir, run, run_dir / "audit", quantization=run.training.quantization,
+                            progress=stage("audit"))
     if not distributed.is_main():
         return None
     timings["audit"] = time.perf_counter() - t0
 
     # 4. gate --------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    decision = decide(audited.report, run)
-    decision.write(run_dir / "gate.json")
-    write_html(audited.out_dir)  # re-render so the reviewer's page shows the decision beside the numbers
+    with error_stage("gate"):
+        decision = decide(audited.report, run)
+        decision.write(run_dir / "gate.json")
+        write_html(audited.out_dir)  # re-render so the reviewer's page shows the decision beside the numbers
     timings["gate"] = time.perf_counter() - t0
 
     # 5. release or quarantine ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    published = publish(
-        run_dir, decision, run_id=run_id, adapter_dir=training.adapter_dir, report_dir=audited.out_dir,
-        extra_files={"train_metrics.json": training.metrics_path, "validation.json": run_dir / "validation.json"},
-        manifest_fields={
-            "dataset": {"path": str(dataset), "sha256": validation.sha256, "filtered_sha256": filtered_sha,
-                        "n_records": validation.n_records, "n_dropped": len(validation.dropped_lines)},
-            "base_model": training.base_model,
-            "seeds": {**training.metrics["seeds"], **audited.seeds},
-            "versions": training.metrics["versions"],
-            "timestamps": timestamps,
-            "training": training.summary,
-        },
-        release_config=run.release)
+    with error_stage("release"):
+        published = publish(
+            run_dir, decision, run_id=run_id, adapter_dir=training.adapter_dir, report_dir=audited.out_dir,
+            extra_files={"train_metrics.json": training.metrics_path, "validation.json": run_dir / "validation.json"},
+            manifest_fields={
+                "dataset": {"path": str(dataset), "sha256": validation.sha256, "filtered_sha256": filtered_sha,
+                            "n_records": validation.n_records, "n_dropped": len(validation.dropped_lines)},
+                "base_model": training.base_model,
+                "seeds": {**training.metrics["seeds"], **audited.seeds},
+                "versions": training.metrics["versions"],
+                "timestamps": timestamps,
+                "training": training.summary,
+            },
+            release_config=run.release)
     timings["release"] = time.perf_counter() - t0
     return RunResult(run_id=run_id, run_dir=run_dir, verdict=decision.verdict, release=published,
                      validation=validation, training=training, audit=audited, decision=decision,

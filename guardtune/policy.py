@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -28,6 +29,7 @@ class Policy:
     data: dict[str, Any]
     source: str  # file path of the leaf policy
     chain: tuple[str, ...] = field(default=())  # leaf first, then its include, and so on
+    overrides: tuple[tuple[str, Any], ...] = field(default=())  # (dotted key, value) applied on top (--set)
 
     @property
     def sha256(self) -> str:
@@ -38,8 +40,11 @@ class Policy:
         return copy.deepcopy(self.data.get(name, {}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256, "source": self.source,
-                "chain": list(self.chain)}
+        out = {"name": self.name, "version": self.version, "sha256": self.sha256, "source": self.source,
+               "chain": list(self.chain)}
+        if self.overrides:
+            out["overrides"] = dict(self.overrides)
+        return out
 
 
 def _shipped_dir() -> Path:
@@ -178,8 +183,40 @@ def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_policy(spec: str | Path = "default") -> Policy:
-    """Load, merge includes, and validate a policy; raise PolicyError listing every problem."""
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the CLI's --set) -> {dotted key: value}; a value is read as JSON when it parses
+    (numbers like 1e-4, lists, null), else as YAML (true, hf, [0, 5]), else kept as the string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise PolicyError(f"--set {item!r} is not KEY=VALUE with a dotted policy key, e.g. "
+                              f"--set training.optimizer.learning_rate=1e-4.")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = yaml.safe_load(text) if text.strip() else text
+            except yaml.YAMLError:
+                value = text
+        out[key.strip()] = value
+    return out
+
+
+def _apply(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PolicyError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section, in this policy.")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_policy(spec: str | Path = "default", overrides: Mapping[str, Any] | None = None) -> Policy:
+    """Load, merge includes, apply `overrides` ({dotted key: value}, the CLI's --set), and validate the result;
+    raise PolicyError listing every problem. Overrides change the policy's sha256 and are recorded in to_dict()."""
     path = resolve_policy_path(spec)
     chain: list[Path] = []
     layers: list[dict[str, Any]] = []
@@ -215,9 +252,17 @@ def load_policy(spec: str | Path = "default") -> Policy:
     resolved["version"] = str(leaf["version"])
     if "description" in leaf:
         resolved["description"] = leaf["description"]
-    issues = schema_issues(resolved, "policy", "policy-schema", source=f"{path} (resolved)")
+    for key, value in (overrides or {}).items():
+        if key.split(".")[0] in ("name", "version", "include"):
+            raise PolicyError(f"--set {key}: the policy's identity is not overridable; write a policy file that "
+                              f"includes {resolved['name']} instead.")
+        if _non_finite(value):
+            raise PolicyError(f"--set {key}: {value!r} is not a finite number; use null to turn a rule off.")
+        _apply(resolved, key, _stringify_keys(value))
+    issues = schema_issues(resolved, "policy", "policy-schema",
+                           source=f"{path} (resolved{', with --set' if overrides else ''})")
     if issues:
         raise PolicyError(f"Policy {spec} is invalid after merging includes:\n" +
                           "\n".join(f"  - {i.message}" for i in issues), issues)
     return Policy(name=resolved["name"], version=resolved["version"], data=resolved, source=str(chain[0]),
-                  chain=tuple(str(p) for p in chain))
+                  chain=tuple(str(p) for p in chain), overrides=tuple((overrides or {}).items()))

@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import ReleaseConfig
 from .errors import ConfigError, GuardtuneError, VerificationError, did_you_mean
+from .modelcard import CARD_NAME, render_card
 from .provenance import (atomic_write_text, canonical_json, fsync_file, sha256_file, sha256_json, sha256_tree,
                          tree_files, write_json_file)
 from .report import load_report, read_samples, render_html
@@ -24,7 +25,7 @@ from .schemas import schema_issues
 
 MANIFEST_KIND = "guardtune-release-manifest"
 MANIFEST_NAME = "manifest.json"
-RESERVED = {MANIFEST_NAME, "report.json", "report.html", "gate.json", "samples.jsonl"}
+RESERVED = {MANIFEST_NAME, CARD_NAME, "report.json", "report.html", "gate.json", "samples.jsonl"}
 MANIFEST_FIELDS = ("dataset", "base_model", "policy", "judge", "versions", "seeds", "timestamps", "training", "audit")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERSION_KEYS = ("guardtune", "python", "torch", "transformers", "peft", "git_commit", "device")
@@ -182,6 +183,16 @@ def _read_manifest(root: Path, purpose: str) -> Any:
                                 f"{purpose}.")
 
 
+def _training_config(metrics_path: Path | None) -> dict[str, Any] | None:
+    """The training configuration recorded in train_metrics.json (betas, LoRA rank, ...) for the model card."""
+    if metrics_path is None:
+        return None
+    try:
+        return json.loads(metrics_path.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_release(path: str | Path) -> Release:
     """The release at `path` (as `find_release` reads it), without verifying it: `verify` does that."""
     root = find_release(path)
@@ -249,10 +260,14 @@ def publish(run_dir: str | Path, decision: Any, *, run_id: str, adapter_dir: str
             _copy_file(Path(dataset_path), tmp / "training_data" / Path(dataset_path).name)
 
         manifest = _manifest(run_id, status, data, report, manifest_fields)
-        manifest["files"] = {name: sha256_file(tmp / name) for name in tree_files(tmp)}
         manifest["chain"] = {"adapter_sha256": adapter_sha256, "report_sha256": sha256_json(report),
                              "policy_sha256": data["policy"].get("sha256"),
                              "dataset_sha256": (manifest.get("dataset") or {}).get("sha256")}
+        # The model card (README.md) is one of the hashed files, so it is written before the file list.
+        atomic_write_text(tmp / CARD_NAME, render_card(
+            manifest, report, data, _training_config(extra_files.get("train_metrics.json")),
+            license_id=release_config.license, data_included=release_config.include_training_data), durable=True)
+        manifest["files"] = {name: sha256_file(tmp / name) for name in tree_files(tmp)}
         key = signing_key()
         if key is not None:
             manifest["signature"] = {"alg": "HMAC-SHA256", "env": SIGNING_KEY_ENV, "value": _sign(manifest, key)}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import distributed
-from .errors import ConfigError
+from .errors import ConfigError, MissingDependencyError
 
 # Arguments guardtune sets from the model and audit settings; engine_args may not override them.
 OWNED_ENGINE_ARGS = frozenset({"model", "tokenizer", "revision", "dtype", "quantization", "seed", "enable_lora",
@@ -35,8 +35,8 @@ def _vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise ConfigError("audit.backend is 'vllm' but vLLM is not installed. Install it on a CUDA machine with "
-                          "`pip install 'guardtune[vllm]'`, or set audit.backend: hf.") from exc
+        raise MissingDependencyError("audit.backend is 'vllm' but vLLM is not installed. Install it on a CUDA "
+                                     "machine with `pip install 'guardtune[vllm]'`, or set audit.backend: hf.") from exc
     return vllm
 
 

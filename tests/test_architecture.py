@@ -12,11 +12,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "guardtune"
 STAGES = {"dataset", "training", "auditing", "gate", "release"}  # validate, train, audit, gate, release
-# Call stages (in order, or one stage's pieces for another engine: trl_trainer); nothing imports them.
-ORCHESTRATORS = {"pipeline", "alignment", "redteaming", "trl_trainer"}
+# Call stages (in order, or one stage's pieces for another engine: trl_trainer; release then upload: hub);
+# nothing imports them.
+ORCHESTRATORS = {"pipeline", "alignment", "redteaming", "trl_trainer", "hub"}
 CONTROL_PLANE = ["guardtune.dataset", "guardtune.policy", "guardtune.config", "guardtune.gate", "guardtune.release",
                  "guardtune.report", "guardtune.judges", "guardtune.evalsets", "guardtune.provenance",
-                 "guardtune.schemas", "guardtune.modelspec", "guardtune.cache", "guardtune.records"]
+                 "guardtune.schemas", "guardtune.modelspec", "guardtune.cache", "guardtune.records",
+                 "guardtune.modelcard", "guardtune.hub"]
 
 
 def module_name(path: Path) -> str:

@@ -73,8 +73,8 @@ def test_pass_publishes_a_complete_release(run):
     assert not (run / "quarantine").exists() and leftovers(run) == []
     manifest = json.loads((out / "manifest.json").read_text())
     jsonschema.Draft202012Validator(load_schema("manifest")).validate(manifest)
-    assert sorted(manifest["files"]) == ["adapter/adapter_config.json", WEIGHTS, "gate.json", "report.html",
-                                         "report.json", "train_metrics.json"]
+    assert sorted(manifest["files"]) == ["README.md", "adapter/adapter_config.json", WEIGHTS, "gate.json",
+                                         "report.html", "report.json", "train_metrics.json"]
     assert manifest["status"] == "released" and manifest["gate"] == {
         "verdict": "pass", "failed_rules": [], "report_sha256": manifest["gate"]["report_sha256"],
         "decided_at": manifest["gate"]["decided_at"]}
@@ -196,7 +196,7 @@ def test_verify_fresh_release_from_any_sensible_path(run):
     for path in (out, out / "manifest.json", run / "release", run):
         result = verify(path)
         assert result.ok and result.path == out, path
-        assert result.checked == 6 and result.id == "job-1" and result.status == "released"
+        assert result.checked == 7 and result.id == "job-1" and result.status == "released"
 
 
 def flip_byte(path: Path) -> None:
@@ -228,7 +228,7 @@ def test_verify_flags_a_tampered_manifest(run):
     manifest["status"], manifest["gate"]["verdict"] = "quarantined", "reject"  # schema-valid, but a lie
     (out / "manifest.json").write_text(json.dumps(manifest))
     result = verify(out)
-    assert not result.ok and result.mismatched == [] and result.checked == 6
+    assert not result.ok and result.mismatched == [] and result.checked == 7
     assert result.problems == ["manifest status is 'quarantined' but the directory is under release/.",
                                "gate.json says 'pass' but manifest.json says 'reject'."]
     manifest["status"] = "released"  # now inconsistent with its own gate verdict: a schema problem

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardtune.errors import ConfigError
+from guardtune.errors import ConfigError, MissingDependencyError
 from guardtune.vllm_backend import LORA_RANKS, VLLMGenerator, engine_options, lora_rank
 
 SMALL = dict(sample_harmful=6, sample_benign=4, sample_utility=5, max_new_tokens=6, prefill_k=(0, 3, 8),
@@ -65,7 +65,7 @@ def test_lora_rank_rounds_up_to_a_rank_vllm_serves(tmp_path):
 
 def test_without_vllm_the_backend_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(ConfigError, match=r"guardtune\[vllm\]"):
+    with pytest.raises(MissingDependencyError, match=r"guardtune\[vllm\]"):
         VLLMGenerator("/m", **{k: v for k, v in options().items() if k != "adapter"})
 
 
