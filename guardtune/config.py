@@ -23,6 +23,7 @@ from .policy import Policy, PolicyError, load_policy
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Duplicates = Literal["error", "warning", "ignore"]
+MessageNames = Literal["drop", "keep", "refuse"]
 ScreenAction = Literal["reject", "drop", "warn"]
 Objective = Literal["constrained", "paper", "sft"]
 Reference = Literal["cached", "online"]
@@ -130,6 +131,9 @@ class DatasetConfig:
     max_tokens: int = setting("Longest rendered example in the target model's tokens.", default=4096)
     duplicates: Duplicates = setting("Severity of exact duplicate examples: error, warning or ignore.",
                                      default="warning")
+    message_names: MessageNames = setting(
+        "A message's OpenAI 'name' field: drop it (a warning per line), keep it (handed to the chat template, "
+        "which may ignore it) or refuse the line.", default="drop")
     screen_enabled: bool = setting("Run the training-data risk screen.", default=True, key="screen.enabled")
     screen_judge: dict[str, Any] = setting("Judge used by the screen (see guardtune.judges).",
                                            factory=lambda: {"name": "keyword"}, key="screen.judge")

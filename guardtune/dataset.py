@@ -223,8 +223,8 @@ def _screen(report: ValidationReport, source: Path, config: DatasetConfig, judge
         return
     # iter_records re-checks the sha256, so the screened bytes are the validated bytes. The report stays valid
     # (n_errors 0) until the screen is done: rejections are counted in `log` and copied over after.
-    result = screen_records(lambda: iter_records(source, sha256=report.sha256, max_line_bytes=config.max_line_bytes),
-                            config,
+    result = screen_records(lambda: iter_records(source, sha256=report.sha256, max_line_bytes=config.max_line_bytes,
+                                                 message_names=config.message_names), config,
                             judge, base=base, format=report.format, max_flags_per_code=log.cap,
                             on_flag=lambda flag: log.add(*_issue_args(flag.issue())), on_progress=on_progress)
     report.dropped_lines = result.dropped_lines

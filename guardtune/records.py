@@ -272,12 +272,14 @@ class RecordChecker:
                          f"{FORMAT_LABELS[self.format]} (set by line {self.format_line}). Use one format per file: "
                          f"convert this line or split the file.", line=line)
             return None
+        if not self._supported(record, fmt, line):
+            return None
         if not _plainly_valid(fmt, record):
             for issue in schema_issues(record, SCHEMAS[fmt], "schema"):
                 self.log.add("schema", issue.message, line=line, path=issue.path)
             if self.log.n_errors > errors_before:
                 return None
-        messages = to_messages(record)
+        messages = to_messages(record, self.config.message_names)
         self._check_structure(messages, fmt, line)
         if self.log.n_errors > errors_before:
             return None
@@ -290,6 +292,50 @@ class RecordChecker:
             return None
         self.n_records += 1
         return messages
+
+    def _supported(self, record: dict[str, Any], fmt: str, line: int) -> bool:
+        """Refuse, each with its own code and fix, what an OpenAI or TRL file can hold but a text chat template
+        cannot train as meant: tools, tool/function turns and calls, non-text content parts; and `name` when the
+        policy refuses it (a warning when it drops it)."""
+        errors_before = self.log.n_errors
+        tools = [key for key in ("tools", "functions", "parallel_tool_calls") if key in record]
+        if tools:
+            self.log.add("unsupported-tools", f"'{tools[0]}' declares tools; tool use is not trained by guardtune "
+                         f"(text turns only). Remove the tool declarations and the tool turns from this example.",
+                         line=line, path=f"/{tools[0]}")
+        groups = [("messages", record["messages"])] if fmt == "chat" else \
+            [(key, record[key]) for key in ("prompt", "completion") if isinstance(record.get(key), list)]
+        named = False
+        for key, messages in groups:
+            if not isinstance(messages, list):
+                continue
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict):
+                    continue
+                where = f"/{key}/{i}"
+                if message.get("role") in ("tool", "function") or "tool_calls" in message or \
+                        "function_call" in message:
+                    self.log.add("unsupported-tool-turn", "A tool or function turn (or an assistant tool call) "
+                                 "cannot be trained as text. Remove the tool exchange from this example, or "
+                                 "write the assistant's final answer as a plain text turn.", line=line, path=where)
+                content = message.get("content")
+                if isinstance(content, list):
+                    kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
+                    if kinds:
+                        self.log.add("unsupported-content-part", f"Content parts of type {', '.join(kinds)} are "
+                                     f"not text; guardtune trains text only. Remove them (or describe them in a "
+                                     f"text part).", line=line, path=f"{where}/content")
+                if "name" in message:
+                    if self.config.message_names == "refuse":
+                        self.log.add("message-name", "A message has a 'name'; the policy refuses names "
+                                     "(dataset.message_names: refuse). Remove it, or set message_names to drop or "
+                                     "keep.", line=line, path=f"{where}/name")
+                    named = True
+        if named and self.config.message_names == "drop":
+            self.log.add("name-dropped", "'name' on a message is dropped before training (dataset.message_names: "
+                         "drop); put who is speaking into the text if it matters, or set message_names: keep.",
+                         line=line, severity="warning")
+        return self.log.n_errors == errors_before
 
     def _check_structure(self, messages: list[dict[str, Any]], fmt: str, line: int) -> None:
         def where(i: int, key: str) -> str:
@@ -434,7 +480,8 @@ def read_lines(handle: BinaryIO, max_line_bytes: int, digest: Any,
 
 
 def iter_records(path: str | Path, *, sha256: str | None = None, skip_lines: Iterable[int] = (),
-                 max_line_bytes: int = DatasetConfig.max_line_bytes) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+                 max_line_bytes: int = DatasetConfig.max_line_bytes,
+                 message_names: str = DatasetConfig.message_names) -> Iterator[tuple[int, list[dict[str, Any]]]]:
     """(line, messages) for each record of a validated file; prompt/completion becomes [user, assistant].
 
     `sha256` is what validation read (the file must still hash to it), `skip_lines` the lines the risk screen
@@ -443,7 +490,7 @@ def iter_records(path: str | Path, *, sha256: str | None = None, skip_lines: Ite
     """
     skipped = set(skip_lines)
     log = IssueLog(cap=1)
-    checker = RecordChecker(DatasetConfig(duplicates="ignore"), log)
+    checker = RecordChecker(DatasetConfig(duplicates="ignore", message_names=message_names), log)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for line, offset, raw in read_lines(handle, max_line_bytes, digest):

@@ -28,12 +28,35 @@ class RenderedExample:
         return len(self.input_ids)
 
 
-def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """A dataset record as chat messages: {"messages": [...]} as is, prompt/completion as [user, assistant]."""
+def _message(message: dict[str, Any], names: str, weight: int | None = None) -> dict[str, Any]:
+    content = message["content"]
+    if isinstance(content, list):  # OpenAI text parts
+        content = "\n".join(part["text"] for part in content)
+    out = {"role": "system" if message["role"] == "developer" else message["role"], "content": content}
+    if "weight" in message or weight is not None:
+        out["weight"] = message.get("weight", weight) if weight is None else weight
+    if names == "keep" and "name" in message:
+        out["name"] = message["name"]
+    return out
+
+
+def to_messages(record: dict[str, Any], names: str = "drop") -> list[dict[str, Any]]:
+    """A dataset record as chat messages with roles system/user/assistant and string contents.
+
+    {"messages": [...]} (OpenAI chat: text parts joined by newlines, developer as system, `name` kept only when
+    `names` is "keep"); prompt/completion strings as [user, assistant]; TRL's conversational prompt/completion
+    (lists of messages) as the prompt's turns (its assistant turns weight 0: context, not trained) followed by the
+    completion's."""
     if "messages" in record:
-        return [dict(message) for message in record["messages"]]
+        return [_message(message, names) for message in record["messages"]]
     if "prompt" in record and "completion" in record:
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, list) or isinstance(completion, list):
+            prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            return [*(_message(m, names, 0 if m["role"] == "assistant" else None) for m in prompt),
+                    *(_message(m, names) for m in completion)]
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     raise TemplateError("A record needs either 'messages' or both 'prompt' and 'completion'.")
 
 

@@ -22,7 +22,7 @@ import transformers
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import distributed, losses
-from .config import RunConfig, TrainConfig, as_dict, resolve_stage
+from .config import RunConfig, TrainConfig, as_dict, dataset_config, resolve_stage
 from .errors import ConfigError, DatasetError, did_you_mean
 from .generation import refusal_probe
 from .logprobs import logit_softcap, output_head, response_logps
@@ -448,7 +448,9 @@ def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | 
     loaded = load_model(mcfg.name, quantization=cfg.quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
     tokenizer, info = loaded.tokenizer, loaded.info
-    examples = _render_examples(tokenizer, iter_records(dataset, sha256=expected_sha256), cfg.max_length)
+    names = (config.dataset if isinstance(config, RunConfig) else dataset_config(policy)).message_names
+    examples = _render_examples(tokenizer, iter_records(dataset, sha256=expected_sha256, message_names=names),
+                                cfg.max_length)
     pad_token_id = tokenizer.pad_token_id  # load_model gave it one (templates.ensure_pad_token)
     reference_info: dict[str, Any] = {"mode": cfg.reference if cfg.uses_reference else "none",
                                       "kl_anchor_positions": cfg.kl_anchor,

@@ -105,10 +105,14 @@ BAD = [
     Case("missing-content", at_line_3(b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'),
          "schema", path="/messages/0/content", contains="Missing"),
     Case("empty-messages", at_line_3(b'{"messages": []}'), "schema", path="/messages"),
-    Case("extra-top-level-key", at_line_3(encode(chat(U, A, tools=[]))), "schema", path="/tools"),
-    Case("extra-message-key", at_line_3(b'{"messages": [{"role": "user", "content": "hi", "name": "bob"}, '
+    Case("extra-top-level-key", at_line_3(encode(chat(U, A, foo=1))), "schema", path="/foo"),
+    Case("tools", at_line_3(encode(chat(U, A, tools=[]))), "unsupported-tools", path="/tools"),
+    Case("extra-message-key", at_line_3(b'{"messages": [{"role": "user", "content": "hi", "mood": "bob"}, '
                                         b'{"role": "assistant", "content": "x"}]}'), "schema",
-         path="/messages/0/name"),
+         path="/messages/0/mood"),
+    Case("tool-turn", at_line_3(b'{"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}, '
+                                b'{"role": "assistant", "content": "x"}]}'), "unsupported-tool-turn",
+         path="/messages/1"),
     Case("weight-2", at_line_3(weight([("user", "hi", None), ("assistant", "x", 2)])), "schema",
          path="/messages/1/weight"),
     Case("weight-string", at_line_3(weight([("user", "hi", None), ("assistant", "x", "1")])), "schema",

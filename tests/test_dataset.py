@@ -413,7 +413,12 @@ SHAPES = [
     ({"messages": [{"role": "user", "content": None}]}, False, False),
     ({"messages": [{"role": "user"}]}, False, False),
     ({"messages": [{"content": "x"}]}, False, False),
-    ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, False, False),
+    ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, True, False),  # OpenAI's name: via the schema
+    ({"messages": [{"role": "user", "content": "x", "name": 3}]}, False, False),
+    ({"messages": [{"role": "developer", "content": "x"}]}, True, False),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, True, False),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, False, False),
+    ({"messages": [{"role": "tool", "content": "x"}]}, False, False),
     ({"messages": ["x"]}, False, False),
     ({"messages": []}, False, False),
     ({"messages": {}}, False, False),
@@ -423,6 +428,7 @@ SHAPES = [
     ({"prompt": "p", "completion": 1}, False, False),
     ({"prompt": "p", "completion": "c", "x": None}, False, False),
     ({"prompt": ["p"], "completion": "c"}, False, False),
+    ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}, True, False),
 ]
 
 
