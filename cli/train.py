@@ -6,11 +6,11 @@ import click
 
 from guardtune.config import TrainConfig
 
-from ._common import StageProgress, echo_json, json_option, policy_option, setting_option
+from ._common import StageProgress, echo_json, json_option, policy_option, setting_option, split_option
 
 
 @click.command()
-@click.argument("dataset", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dataset", metavar="DATA")
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Embedded name, local directory or hub id (default: the policy's model).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
@@ -26,9 +26,10 @@ from ._common import StageProgress, echo_json, json_option, policy_option, setti
 @click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and dropout.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT/checkpoints.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
+@split_option
 @json_option
 def train(dataset, model, out, policy, objective, reference, quantization, epochs, max_steps, learning_rate,
-          batch_size, save_steps, seed, resume, trust_remote_code, as_json):
+          batch_size, save_steps, seed, resume, trust_remote_code, split, as_json):
     """Validate DATASET, then fine-tune MODEL on it with LoRA/QLoRA; writes OUT/validation.json, OUT/adapter and
     OUT/train_metrics.json."""
     if epochs is not None and max_steps is not None:
@@ -36,7 +37,7 @@ def train(dataset, model, out, policy, objective, reference, quantization, epoch
     from guardtune.pipeline import train as run_training
 
     with StageProgress() as bar:
-        result = run_training(dataset, policy, out, model=model, resume=resume,
+        result = run_training(dataset, policy, out, model=model, resume=resume, split=split,
                               progress=bar.stage("train"),
                               trust_remote_code=trust_remote_code or None, objective=objective, reference=reference,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,

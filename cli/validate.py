@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from ._common import StageProgress, echo_json, json_option, policy_option, render_issues
+from ._common import StageProgress, echo_json, json_option, policy_option, render_issues, split_option
 
 
 @click.command()
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="DATA.jsonl")
+@click.argument("data", type=click.Path(path_type=Path), metavar="DATA")
 @policy_option
 @click.option("--model", "-m", default=None, metavar="SPEC",
               help="Count tokens with this model's tokenizer and chat template, and (with dataset.screen.model on) "
@@ -19,9 +19,11 @@ from ._common import StageProgress, echo_json, json_option, policy_option, rende
                    "no model screen.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Also write the report (validation.json) to FILE.")
+@split_option
 @json_option
-def validate(data: Path, policy: str, model: str | None, out: Path | None, as_json: bool) -> None:
-    """Validate a JSONL dataset (chat or prompt/completion): every issue with its line and JSON path.
+def validate(data: Path, policy: str, model: str | None, out: Path | None, split: str, as_json: bool) -> None:
+    """Validate a dataset (chat or prompt/completion): every issue with its line (row) and JSON path. DATA: a
+    .jsonl file, .jsonl.gz/.zst, .json (an array), .parquet, a datasets directory, or a cached hub dataset id.
 
     Exit 0 when valid (warnings allowed), 1 when invalid.
     """
@@ -41,7 +43,7 @@ def validate(data: Path, policy: str, model: str | None, out: Path | None, as_js
             base_judge = lambda: load_base_judge(run)  # noqa: E731 - loaded only if the file is structurally valid
     with StageProgress(enabled=callable(base_judge)) as bar:
         report = validate_dataset(data, config=run, model=model, model_judge=base_judge,
-                                  on_progress=bar.stage("validate"))
+                                  on_progress=bar.stage("validate"), split=split)
     if out is not None:
         report.write(out)
     if as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from .errors import DatasetError, GuardtuneError, Issue, ModelError
 from .policy import Policy
 from .provenance import write_json_file
 from .records import IssueLog, RecordChecker, iter_records, plural, read_lines
+from .sources import kind_of, materialize
 from .screen import screen_judge, screen_records
 from .tokencount import TokenCounter
 
@@ -40,6 +42,7 @@ class ValidationReport:
     token_check: dict[str, Any] = field(default_factory=dict)  # model (None: not checked), max_tokens
     dropped_lines: list[int] = field(default_factory=list)  # filled by the risk screen
     screen: dict[str, Any] = field(default_factory=dict)  # risk screen summary (guardtune.screen)
+    source: dict[str, Any] | None = None  # a converted source (sources.Source.to_dict()); None for a .jsonl file
 
     @property
     def valid(self) -> bool:
@@ -59,7 +62,8 @@ class ValidationReport:
                 "n_records": self.n_records, "n_lines": self.n_lines, "n_errors": self.n_errors,
                 "n_warnings": self.n_warnings, "counts": dict(sorted(self.counts_by_code.items())),
                 "issues": [issue.to_dict() for issue in self.issues], "dropped_lines": list(self.dropped_lines),
-                "policy": self.policy, "token_check": self.token_check, "screen": self.screen}
+                "policy": self.policy, "token_check": self.token_check, "screen": self.screen,
+                "source": self.source}
 
     def write(self, path: str | Path) -> Path:
         """Write validation.json atomically (a crash never leaves half a report for the next stage)."""
@@ -74,7 +78,8 @@ class ValidationReport:
                        issues=[Issue(**issue) for issue in data["issues"]], counts_by_code=dict(data["counts"]),
                        n_errors=data["n_errors"], n_warnings=data["n_warnings"], n_bytes=data["n_bytes"],
                        policy=data.get("policy", {}), token_check=data.get("token_check", {}),
-                       dropped_lines=list(data.get("dropped_lines", [])), screen=data.get("screen", {}))
+                       dropped_lines=list(data.get("dropped_lines", [])), screen=data.get("screen", {}),
+                       source=data.get("source"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"Cannot read validation report {path}: {exc}. Re-run `guardtune validate`.")
 
@@ -130,7 +135,8 @@ def validate_dataset(path: str | Path, config: DatasetConfig | RunConfig | Polic
                      model: Any = None, *,
                      progress: bool | None = None, max_issues_per_code: int = MAX_ISSUES_PER_CODE,
                      screen: bool = True, model_judge: Any = None,
-                     on_progress: Callable[[str, int, int], None] | None = None) -> ValidationReport:
+                     on_progress: Callable[[str, int, int], None] | None = None,
+                     split: str = "train") -> ValidationReport:
     """Check a JSONL dataset line by line against the policy's dataset limits; never stops at the first issue.
 
     model: None (the policy's model.name, if available without loading it), a local model directory, a
@@ -145,7 +151,18 @@ def validate_dataset(path: str | Path, config: DatasetConfig | RunConfig | Polic
     string instead says why there is none (recorded in validation.json's screen.model); a zero-argument callable
     builds the judge only once the file has passed its structural checks (a broken file never loads a model).
     on_progress(phase, records done, records): the screen's progress ("screen", or "model screen" with the base).
+    A source that is not JSONL (guardtune.sources: .jsonl.gz/.zst, .json, .parquet, a datasets directory or hub
+    id in the local cache, `split`) is converted to JSONL in a temporary directory and validated there: line
+    numbers are row numbers, and report.source says what was converted.
     """
+    if kind_of(path) != "jsonl":  # .jsonl.gz/.zst, .json, .parquet, a datasets directory or hub id
+        with tempfile.TemporaryDirectory(prefix="guardtune-input-") as scratch:
+            converted = materialize(path, scratch, split=split)
+            report = validate_dataset(converted.path, config, model, progress=progress,
+                                      max_issues_per_code=max_issues_per_code, screen=screen,
+                                      model_judge=model_judge, on_progress=on_progress)
+            report.path, report.source = str(path), {**converted.to_dict(), "converted_to": None}
+            return report
     policy, config, model_spec = resolve_stage("dataset", config, None, {})
     # Built before reading anything: a screen judge that cannot run fails the validation up front (fail closed).
     judge = screen_judge(config) if screen and config.screen_enabled else None

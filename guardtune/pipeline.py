@@ -16,6 +16,8 @@ import dataclasses
 import gc
 import hashlib
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +36,7 @@ from .modelscreen import load_base_judge
 from .modelspec import resolve_model_dir
 from .policy import Policy
 from .release import Release, publish
+from .sources import CONVERTED_NAME, materialize
 from .report import write_html
 from .training import TrainResult
 from .training import train as train_stage
@@ -106,10 +109,12 @@ def _kept_lines(source: Path, dropped: set[int], target: Path, validated_sha256:
 def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | str = "default",
              out: str | Path | None = None, objective: str | None = None, quantization: str | None = None,
              epochs: float | None = None, max_steps: int | None = None, trust_remote_code: bool | None = None,
-             progress: Progress | None = None, **train_overrides: Any) -> RunResult | None:
+             progress: Progress | None = None, split: str = "train", **train_overrides: Any) -> RunResult | None:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all.
 
+    `dataset` is a .jsonl file, or any source guardtune.sources reads (.jsonl.gz/.zst, .json, .parquet, a
+    datasets directory or hub id in the local cache, `split`), converted to RUN/input.jsonl.
     Under `torchrun` / `accelerate launch` every process trains (DDP), shares the reference precompute and
     generates its share of the audit's continuations; the main process alone validates, judges, gates and
     releases, and the others return None.
@@ -126,7 +131,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     # 1. validate (and risk screen), on the main process; the others wait for its plan -----------------------------
     t0 = time.perf_counter()
     with error_stage("validate"):
-        validation, run_id, run_dir, train_path, filtered_sha = _validate_on_main(dataset, run, out, stage)
+        validation, run_id, run_dir, train_path, filtered_sha = _validate_on_main(dataset, run, out, stage, split)
     timings["validate"] = time.perf_counter() - t0
 
     # 2. train (every process) ---------------------------------------------------------------------------------
@@ -163,7 +168,8 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
             extra_files={"train_metrics.json": training.metrics_path, "validation.json": run_dir / "validation.json"},
             manifest_fields={
                 "dataset": {"path": str(dataset), "sha256": validation.sha256, "filtered_sha256": filtered_sha,
-                            "n_records": validation.n_records, "n_dropped": len(validation.dropped_lines)},
+                            "n_records": validation.n_records, "n_dropped": len(validation.dropped_lines),
+                            **({"source": validation.source} if validation.source else {})},
                 "base_model": training.base_model,
                 "seeds": {**training.metrics["seeds"], **audited.seeds},
                 "versions": training.metrics["versions"],
@@ -180,7 +186,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
 def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | None = None,
           out: str | Path = "guardtune-train", *, model: str | None = None, trust_remote_code: bool | None = None,
           resume: bool = False, callbacks: Sequence[Any] = (), progress: Callable[[str, int, int], None] | None = None,
-          **overrides: Any) -> TrainResult | None:
+          split: str = "train", **overrides: Any) -> TrainResult | None:
     """Validate `dataset` (structure, tokens and the risk screen, as `finetune()` does) into OUT/validation.json,
     then train on the lines that passed (`training.train`): OUT/adapter and OUT/train_metrics.json. Invalid data
     raises DatasetError and nothing is trained. `config`, `model=` and keyword `overrides` as for
@@ -189,21 +195,21 @@ def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | 
     policy, training, model_cfg = resolve_stage("training", config, model, overrides, trust_remote_code)
     run = config if isinstance(config, RunConfig) else RunConfig.from_policy(policy)
     run = dataclasses.replace(run, training=training, model=model_cfg)
-    _, _, run_dir, train_path, filtered_sha = _validate_on_main(Path(dataset), run, out,
-                                                                lambda _stage: progress)
+    _, _, run_dir, train_path, filtered_sha = _validate_on_main(Path(dataset), run, out, lambda _stage: progress,
+                                                                split)
     result = train_stage(train_path, run, run_dir, validated=filtered_sha, resume=resume, callbacks=callbacks,
                          progress=progress)
     return result if distributed.is_main() else None
 
 
-def _validate_on_main(dataset: Path, run: RunConfig, out: str | Path | None, stage: Callable[[str], Any]
-                      ) -> tuple[ValidationReport | None, str, Path, Path, str]:
+def _validate_on_main(dataset: Path, run: RunConfig, out: str | Path | None, stage: Callable[[str], Any],
+                      split: str = "train") -> tuple[ValidationReport | None, str, Path, Path, str]:
     """`_validate` on the main process; every process gets (run id, run dir, file to train on, its sha256), the
     others with no report. A failure on the main process stops every process (they would otherwise wait)."""
     failure, mine, validation = None, None, None
     if distributed.is_main():
         try:
-            validation, run_id, run_dir, train_path, filtered_sha = _validate(dataset, run, out, stage)
+            validation, run_id, run_dir, train_path, filtered_sha = _validate(dataset, run, out, stage, split)
             mine = ("ok", run_id, str(run_dir), str(train_path), filtered_sha)
         except BaseException as exc:  # the other processes must hear of it, or they would wait forever
             failure, mine = exc, ("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -215,8 +221,8 @@ def _validate_on_main(dataset: Path, run: RunConfig, out: str | Path | None, sta
     return validation, plan[1], Path(plan[2]), Path(plan[3]), plan[4]
 
 
-def _validate(dataset: Path, run: RunConfig, out: str | Path | None,
-              stage: Callable[[str], Any]) -> tuple[ValidationReport, str, Path, Path, str]:
+def _validate(dataset: Path, run: RunConfig, out: str | Path | None, stage: Callable[[str], Any],
+              split: str = "train") -> tuple[ValidationReport, str, Path, Path, str]:
     """The validate stage of a job: validation.json in a new run directory, the screen's dropped lines removed.
     Returns (report, run id, run dir, the file to train on, its sha256); raises DatasetError on invalid data."""
     progress = stage("validate")
@@ -229,10 +235,23 @@ def _validate(dataset: Path, run: RunConfig, out: str | Path | None,
     # only once the file has passed its structural checks, and freed with the validator before training loads
     # its own copy.
     base_judge = (lambda: load_base_judge(run)) if run.dataset.screen_enabled and run.dataset.screen_model else None
-    validation = validate_dataset(dataset, config=run, model=model_dir, model_judge=base_judge, on_progress=progress)
-    run_id = new_run_id(validation.sha256)
-    run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # A source that is not JSONL (.gz/.zst, .json, .parquet, a datasets directory) becomes RUN/input.jsonl: the
+    # file validated is the file trained. It is converted next to the run directory, then moved into it.
+    parent = Path(out).parent if out is not None else Path("guardtune-runs")
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".incoming-", dir=parent))
+    try:
+        source = materialize(dataset, scratch, split=split)
+        validation = validate_dataset(source.path, config=run, model=model_dir, model_judge=base_judge,
+                                      on_progress=progress)
+        run_id = new_run_id(validation.sha256)
+        run_dir = Path(out) if out is not None else Path("guardtune-runs") / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if source.converted:
+            source.path = Path(shutil.move(str(source.path), str(run_dir / CONVERTED_NAME)))
+            validation.path, validation.source = str(dataset), source.to_dict()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     validation.write(run_dir / "validation.json")
     if not validation.valid:
         errors = [i for i in validation.issues if i.severity == "error"]
@@ -241,10 +260,10 @@ def _validate(dataset: Path, run: RunConfig, out: str | Path | None,
         raise DatasetError(f"{dataset} failed validation with {len(errors)} error(s); nothing was trained:{shown}{more}"
                            f"\nEvery issue is in {run_dir / 'validation.json'} (or run `guardtune validate "
                            f"{dataset}`).", errors)
-    train_path, filtered_sha = dataset, validation.sha256
+    train_path, filtered_sha = source.path, validation.sha256
     if validation.dropped_lines:
         train_path = run_dir / "train_data.jsonl"
-        filtered_sha = _kept_lines(dataset, set(validation.dropped_lines), train_path, validation.sha256)
+        filtered_sha = _kept_lines(source.path, set(validation.dropped_lines), train_path, validation.sha256)
     if progress:
         progress("validate", 1, 1)
     return validation, run_id, run_dir, train_path, filtered_sha

@@ -306,7 +306,7 @@ def test_json_mode_prints_exactly_one_object(tmp_path):
 
 
 @pytest.mark.parametrize("args, code, text", [
-    (["validate", "missing.jsonl"], 2, "does not exist"),
+    (["validate", "missing.jsonl"], 1, "Cannot read"),  # DATA may also be a hub id: a missing file is bad input
     (["validate"], 2, "Missing argument"),
     (["validate", str(EXAMPLE), "--policy", "defualt"], 1, "Did you mean 'default'"),
     (["validate", str(EXAMPLE), "--policy", "nope/p.yaml"], 1, "does not exist"),

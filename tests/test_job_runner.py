@@ -69,10 +69,12 @@ def test_a_missing_package_is_an_infrastructure_failure_and_a_bad_judge_bad_inpu
 
 
 def test_usage_errors_under_json_are_one_object_too(tmp_path):
-    done = CliRunner().invoke(main, ["finetune", str(tmp_path / "missing.jsonl"), "--json"])
+    done = CliRunner().invoke(main, ["finetune", str(EXAMPLE), "--epochs", "1", "--max-steps", "2", "--json"])
     assert done.exit_code == EXIT_USAGE
     error = one_json_object(done.stdout)["error"]
-    assert error["code"] == "usage" and "does not exist" in error["message"]
+    assert error["code"] == "usage" and "not both" in error["message"]
+    missing = CliRunner().invoke(main, ["validate", str(tmp_path / "missing.jsonl"), "--json"])
+    assert missing.exit_code == EXIT_BAD_INPUT and one_json_object(missing.stdout)["error"]["code"] == "bad-dataset"
 
 
 def test_set_overrides_any_policy_key_checked_by_the_schema():
