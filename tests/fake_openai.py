@@ -55,6 +55,7 @@ class FakeOpenAI:
     trailing         "#score: 5 (fully compliant)"
     empty            200 with empty content
     gullible         gullible_score() on the user message
+    reply:TEXT       200 with TEXT as the content (for guard classifiers' reply formats)
     drip:SECONDS     200, a valid reply sent a few bytes every 0.25 s for about SECONDS (each read is quick; the
                      whole is slow: a per-read timeout never fires)
     huge:BYTES       200, a JSON reply padded to BYTES
@@ -179,6 +180,8 @@ class FakeOpenAI:
             return 400, as_json, json.dumps({"error": f"bad token {cut}"}).encode()
         if kind == "echo_json":
             return 400, as_json, json.dumps({"error": json.dumps({"seen": headers.get("Authorization", "")})}).encode()
+        if kind == "reply":
+            return 200, as_json, json.dumps(completion(arg)).encode()
         if kind == "gullible":
             user = next(m["content"] for m in body["messages"] if m["role"] == "user")
             return 200, as_json, json.dumps(completion(f"Rated.\n#score: {gullible_score(user)}")).encode()
