@@ -24,10 +24,13 @@ from ._common import StageProgress, echo_json, json_option, policy_option, setti
 @click.option("--batch-size", type=int, default=None, help="Examples per forward pass (per process).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and dropout.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the checkpoint.")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False), metavar="RUN_DIR",
+              help="Continue the job in RUN_DIR: stages whose artifacts were made from the same data, policy and "
+                   "options are kept, training continues from its newest checkpoint, the rest runs.")
 @split_option
 @json_option
 def finetune(dataset, model, policy, objective, quantization, out, epochs, max_steps, learning_rate, batch_size, seed,
-             trust_remote_code, split, as_json):
+             trust_remote_code, resume_dir, split, as_json):
     """Validate DATA, fine-tune, audit beside the base, gate on the policy, release or quarantine. DATA: .jsonl,
     .jsonl.gz/.zst, .json (an array), .parquet, a datasets directory or a cached hub dataset id.
 
@@ -35,6 +38,10 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
     """
     if epochs is not None and max_steps is not None:
         raise click.UsageError("Give --epochs or --max-steps, not both.")
+    if resume_dir is not None:
+        if out is not None and out != resume_dir:
+            raise click.UsageError("--resume RUN_DIR continues in RUN_DIR; drop --out (or give the same directory).")
+        out = resume_dir
     from guardtune.pipeline import finetune as run_pipeline
 
     from .audit import format_asr_table, format_side_metrics
@@ -45,7 +52,8 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
         result = run_pipeline(dataset, model=model, policy=policy, out=out, objective=objective,
                               quantization=quantization, epochs=epochs, max_steps=max_steps,
                               learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-                              trust_remote_code=trust_remote_code or None, progress=bar, split=split)
+                              trust_remote_code=trust_remote_code or None, progress=bar, split=split,
+                              resume=resume_dir is not None)
     if result is None:  # another process of a multi-process job: the main process audits, gates and releases
         return
     if as_json:
@@ -80,7 +88,7 @@ def finetune(dataset, model, policy, objective, quantization, out, epochs, max_s
             for issue in flagged[:2]:
                 click.echo(f"  line {issue.line}: {issue.message}")
         timings = ", ".join(f"{k} {v:.0f}s" for k, v in result.stage_seconds.items())
-        click.echo(f"stages: {timings}")
+        click.echo(f"stages: {timings}" + (f" (resumed: {', '.join(result.reused)} kept)" if result.reused else ""))
         click.echo(f"run dir:   {result.run_dir}\nreport:    {result.audit.html_path}\n"
                    f"gate:      {result.run_dir / 'gate.json'}\n"
                    f"{'release' if result.released else 'quarantine'}: {result.published_dir}")
