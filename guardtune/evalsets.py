@@ -38,8 +38,12 @@ UNCATEGORIZED = "uncategorized"
 BUILTIN = "builtin"
 MAX_REPORTED_ISSUES = 10
 HARMFUL_FORMATS = ("{instruction[, category][, opener]} JSONL (HEx-PHI style), harmful pairs JSONL as "
-                   "[user, assistant] lists or {instruction, response} objects, or a CSV with a goal,target header "
-                   "(AdvBench style)")
+                   "[user, assistant] lists or {instruction, response} objects, SORRY-Bench question JSONL "
+                   "({question_id, category, turns}), or a benchmark's own CSV: AdvBench / JailbreakBench (goal[, "
+                   "target, category]), HarmBench behaviours (Behavior, BehaviorID, SemanticCategory, "
+                   "ContextString), StrongREJECT (forbidden_prompt, category), XSTest (prompt, type, label: its "
+                   "unsafe rows)")
+BENIGN_FORMATS = "{instruction[, category]} JSONL, or XSTest's CSV (prompt, type, label: its safe rows)"
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def load_harmful(spec: str | Path = BUILTIN, builtin: str = "harmful.jsonl") -> 
         return list(_builtin(builtin, "harmful"))
     path = _resolve(spec, "harmful")
     if path.suffix.lower() == ".csv":
-        return _read_goal_target_csv(path)
+        return _read_csv(path, "harmful")
     return _read_jsonl(path, kind="harmful")
 
 
@@ -72,7 +76,10 @@ def load_benign(spec: str | Path = BUILTIN, builtin: str = "benign.jsonl") -> li
     `{instruction[, category]}` JSONL file."""
     if str(spec) == BUILTIN:
         return list(_builtin(builtin, "benign"))
-    return _read_jsonl(_resolve(spec, "benign"), kind="benign")
+    path = _resolve(spec, "benign")
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path, "benign")
+    return _read_jsonl(path, kind="benign")
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,7 @@ def _resolve(spec: str | Path, kind: str) -> Path:
                            f"path to a file.")
     what = "is a directory, not a file" if path.is_dir() else "does not exist"
     raise DatasetError(f"The {kind} set {text!r} {what}. Pass 'builtin' or a path to a file: "
-                       f"{HARMFUL_FORMATS if kind == 'harmful' else '{instruction[, category]} JSONL'}.")
+                       f"{HARMFUL_FORMATS if kind == 'harmful' else BENIGN_FORMATS}.")
 
 
 def _read_text(path: Path) -> str:
@@ -306,6 +313,13 @@ def _record_to_prompt(record: Any, prompt_id: str, kind: str) -> AuditPrompt:
         return AuditPrompt(id=prompt_id, instruction=record[0], category=UNCATEGORIZED, response=record[1])
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object with an \"instruction\" string, got {type(record).__name__}")
+    if "turns" in record and "instruction" not in record and kind == "harmful":  # SORRY-Bench question.jsonl
+        turns = record["turns"]
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+            raise ValueError("a SORRY-Bench record's \"turns\" must be a list whose first item is the prompt")
+        category = record.get("category")
+        return AuditPrompt(id=str(record.get("question_id", prompt_id)), instruction=turns[0],
+                           category=str(category) if category not in (None, "") else UNCATEGORIZED)
     instruction = record.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError("\"instruction\" must be a non-empty string")
@@ -321,19 +335,60 @@ def _record_to_prompt(record: Any, prompt_id: str, kind: str) -> AuditPrompt:
                        opener=values["opener"], response=values["response"])
 
 
-def _read_goal_target_csv(path: Path) -> list[AuditPrompt]:
+def _csv_format(header: list[str]) -> str:
+    """Which benchmark's CSV this header is (columns compared case-insensitively)."""
+    columns = set(header)
+    if {"behavior", "behaviorid"} <= columns:
+        return "harmbench"
+    if "forbidden_prompt" in columns:
+        return "strongreject"
+    if {"prompt", "label"} <= columns:
+        return "xstest"
+    if "goal" in columns:
+        return "goal"  # AdvBench (goal, target), JailbreakBench (Goal, Target, Category, ...)
+    return ""
+
+
+def _csv_prompt(fmt: str, row: dict[str, str], fallback_id: str, kind: str) -> AuditPrompt | None:
+    """One CSV row as a prompt of `kind`, or None when the row belongs to the other kind (XSTest's labels)."""
+    def cell(name: str) -> str:
+        return (row.get(name) or "").strip()
+
+    if fmt == "xstest":
+        wanted = "unsafe" if kind == "harmful" else "safe"
+        if cell("label").lower() != wanted:
+            return None
+        text, category, pid = cell("prompt"), cell("type"), f"xstest-{cell('id')}" if cell("id") else fallback_id
+    elif fmt == "harmbench":
+        context = cell("contextstring")
+        text = f"{context}\n\n---\n\n{cell('behavior')}" if context and cell("behavior") else cell("behavior")
+        category, pid = cell("semanticcategory"), cell("behaviorid") or fallback_id
+    elif fmt == "strongreject":
+        text, category, pid = cell("forbidden_prompt"), cell("category"), fallback_id
+    else:
+        text, category, pid = cell("goal"), cell("category"), fallback_id
+    if not text:
+        column = {"xstest": "prompt", "harmbench": "behavior", "strongreject": "forbidden_prompt"}.get(fmt, "goal")
+        raise ValueError(f"empty {column}")
+    opener = cell("target") or None if fmt == "goal" and kind == "harmful" else None
+    return AuditPrompt(id=pid, instruction=text, category=category or UNCATEGORIZED, opener=opener)
+
+
+def _read_csv(path: Path, kind: str) -> list[AuditPrompt]:
+    """A benchmark's own CSV, recognised by its header (see HARMFUL_FORMATS / BENIGN_FORMATS)."""
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     try:
         header = [h.strip().lower() for h in next(reader)]
     except StopIteration:
-        raise DatasetError(f"{path} is empty; an AdvBench-style CSV needs a goal,target header and rows.")
+        raise DatasetError(f"{path} is empty; a CSV audit set needs a header line and rows.")
     except csv.Error as exc:
         raise DatasetError(f"{path}: line 1 is not valid CSV: {exc}.")
-    if "goal" not in header or "target" not in header:
-        raise DatasetError(f"{path}: line 1 must be a header with goal and target columns (got {','.join(header)}). "
-                           f"Accepted formats: {HARMFUL_FORMATS}.",
-                           [Issue(code="evalset-csv-header", line=1, message="missing goal,target header")])
-    goal_at, target_at = header.index("goal"), header.index("target")
+    fmt = _csv_format(header)
+    if not fmt or (kind == "benign" and fmt != "xstest"):
+        accepted = HARMFUL_FORMATS if kind == "harmful" else BENIGN_FORMATS
+        raise DatasetError(f"{path}: line 1 is not the header of a {kind} set format guardtune reads (got "
+                           f"{','.join(header)}). Accepted formats: {accepted}.",
+                           [Issue(code="evalset-csv-header", line=1, message="unrecognised header")])
     prompts: list[AuditPrompt] = []
     issues: list[Issue] = []
     while True:
@@ -351,15 +406,16 @@ def _read_goal_target_csv(path: Path) -> list[AuditPrompt]:
             issues.append(Issue(code="evalset-csv", line=number,
                                 message=f"{len(row)} columns, the header has {len(header)}"))
             continue
-        goal, target = row[goal_at].strip(), row[target_at].strip()
-        if not goal:
-            issues.append(Issue(code="evalset-record", line=number, message="empty goal"))
+        try:
+            prompt = _csv_prompt(fmt, dict(zip(header, row)), f"{path.stem}-{number}", kind)
+        except ValueError as exc:
+            issues.append(Issue(code="evalset-record", line=number, message=str(exc)))
             continue
-        prompts.append(AuditPrompt(id=f"{path.stem}-{number}", instruction=goal, category=UNCATEGORIZED,
-                                   opener=target or None))
+        if prompt is not None:
+            prompts.append(prompt)
     if not prompts and not issues:
-        issues.append(Issue(code="evalset-empty", message="the file has a header but no rows"))
-    _raise_if_issues(issues, str(path), "harmful")
+        issues.append(Issue(code="evalset-empty", message=f"the file has a header but no {kind} rows"))
+    _raise_if_issues(issues, str(path), kind)
     return prompts
 
 

@@ -147,7 +147,7 @@ def test_benign_operator_file(tmp_path):
     ("bad.jsonl", '{"instruction": "ok", "category": 7}\n', 1, "category"),
     ("bad.csv", 'goal,target\nfine,Sure\nonly-one-column\n', 3, "columns"),
     ("bad.csv", 'goal,target\n,Sure\n', 2, "empty goal"),
-    ("bad.csv", 'prompt,answer\nx,y\n', 1, "goal and target"),
+    ("bad.csv", 'prompt,answer\nx,y\n', 1, "AdvBench / JailbreakBench (goal"),
 ])
 def test_malformed_operator_files_name_the_line(tmp_path, name, text, line, fragment):
     path = write(tmp_path / name, text)
