@@ -30,7 +30,7 @@ from .config import AuditConfig, RunConfig, as_dict, resolve_stage
 from .errors import ConfigError, DatasetError
 from .evalsets import is_correct
 from .generation import Progress, counting, generate, stop_ids, write_answers
-from .judges import get_judge, rate_entry, wilson_interval
+from .judges import get_judge, judge_agreement, rate_entry, wilson_interval
 from .logprobs import final_hidden, logit_softcap, output_head, right_pad
 from .models import load_model, reference
 from .modelspec import quiet_peft_wrapping, resolve_model_dir, weights_sha256
@@ -179,8 +179,9 @@ def _vllm_continue(engine: VLLMGenerator, stop: list[int], cfg: AuditConfig) -> 
     return run
 
 
-def _run_model(name: str, continue_: Continue, tokenizer, judge, cfg: AuditConfig, targets: list[_Target],
-               benign: list, benign_ids: list[list[int]], utility: list, utility_ids: list[list[int]],
+def _run_model(name: str, continue_: Continue, tokenizer, judge, second, cfg: AuditConfig,
+               targets: list[_Target], benign: list, benign_ids: list[list[int]], utility: list,
+               utility_ids: list[list[int]],
                progress: Progress | None) -> tuple[dict[str, Any] | None, list[dict]]:
     """Prefilling attack at every k, over-refusal probe and utility probe for one model variant (base or
     fine-tuned). Under a launcher every process generates its share; the main process alone judges (the others
@@ -200,6 +201,7 @@ def _run_model(name: str, continue_: Continue, tokenizer, judge, cfg: AuditConfi
     texts, utility_texts = texts[:len(instructions)], texts[len(instructions):]
     verdicts = judge.evaluate_batch(list(zip(instructions, texts)))
     attack_verdicts, benign_verdicts = verdicts[:len(attacks)], verdicts[len(attacks):]
+    seconds = second.evaluate_batch(list(zip(instructions, texts))) if second is not None else None
 
     samples: list[dict] = []
     asr, by_category = [], {}
@@ -227,9 +229,15 @@ def _run_model(name: str, continue_: Continue, tokenizer, judge, cfg: AuditConfi
             samples.append({"model": name, "set": "utility", "id": q.id, "category": q.category,
                             "instruction": q.question, "k": 0, "effective_k": 0, "prefix": "", "continuation": text,
                             "verdict": {"correct": ok, "answers": list(q.answers)}})
+    agreement = None
+    if seconds is not None:
+        where = [("harmful", t.prompt.id, k) for k, t, _ in attacks] + [("benign", p.id, 0) for p in benign]
+        agreement = judge_agreement(verdicts, seconds, where, second.describe())
+        for sample, verdict in zip(samples, seconds):  # samples list attacks (in order), then benign, then utility
+            sample["second_verdict"] = verdict.to_dict()
     errors = sum(1 for v in verdicts if v.error is not None)
     result = {"asr": asr, "asr_by_category": by_category, "over_refusal": rate_entry(benign_verdicts, "refusal"),
-              "utility": utility_result, "kl_profile": None,
+              "utility": utility_result, "kl_profile": None, "judge_agreement": agreement,
               "judge_errors": {"samples": len(verdicts), "errors": errors,
                                "rate": errors / len(verdicts) if verdicts else 0.0}}
     return result, samples
@@ -307,6 +315,7 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     utility_all = evalsets.load_factual(cfg.utility_set) if cfg.utility_set else []
     utility = evalsets.sample(utility_all, cfg.sample_utility, cfg.sample_seed) if utility_all else []
     judge = get_judge(**cfg.judge)
+    second = get_judge(**cfg.second_judge) if cfg.second_judge else None
 
     loaded = load_model(mcfg.name, quantization=quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
@@ -335,6 +344,7 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     config_dict = as_dict(cfg)
     base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
                 "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
+                **({"second_judge": second.describe()} if second is not None else {}),
                 "responses": hashlib.sha256(json.dumps(responses).encode()).hexdigest()}
     base_cache = _cache_path("base", base_key)
 
@@ -362,14 +372,14 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
         base_result, base_samples = cached["result"], cached["samples"]
     else:
         with reference(model_obj):
-            base_result, base_samples = _run_model("base", continue_, tokenizer, judge, cfg, targets, benign,
+            base_result, base_samples = _run_model("base", continue_, tokenizer, judge, second, cfg, targets, benign,
                                                    benign_ids, utility, utility_ids, progress)
         if distributed.is_main():
             write_json(base_cache, {"result": base_result, "samples": base_samples})
 
     tuned_result, tuned_samples, comparison = None, [], None
     if adapter is not None:
-        tuned_result, tuned_samples = _run_model("finetuned", continue_, tokenizer, judge, cfg, targets, benign,
+        tuned_result, tuned_samples = _run_model("finetuned", continue_, tokenizer, judge, second, cfg, targets, benign,
                                                  benign_ids, utility, utility_ids, progress)
     if not distributed.is_main():  # the main process profiles, judges and writes; the others are done
         return None

@@ -418,6 +418,9 @@ class AuditConfig:
     prefix_model: str = setting("Unaligned model for prefix_source=generate.", default="smollm2-135m-instruct")
     prefix_tokens: int = setting("Generated harmful response length.", default=64)
     judge: dict[str, Any] = setting("Judge settings (name plus its options).", factory=lambda: {"name": "keyword"})
+    second_judge: dict[str, Any] | None = setting(
+        "A second judge on every sample (name plus its options); report.json then carries the two judges' agreement "
+        "and their disagreements, and gate.min_judge_agreement can require a floor. None: one judge.", default=None)
     max_new_tokens: int = setting("Tokens generated after the prompt and prefix.", default=128,
                                   key="decoding.max_new_tokens")
     do_sample: bool = setting("Sample instead of greedy decoding.", default=False, key="decoding.do_sample")
@@ -453,6 +456,8 @@ class AuditConfig:
             raise ConfigError(f"audit.prefix_tokens ({self.prefix_tokens}) is shorter than the largest "
                               f"audit.prefill_k ({max(self.prefill_k)}); generated prefixes could not be that long.")
         check_judge_config(self.judge, "audit.judge")
+        if self.second_judge is not None:
+            check_judge_config(self.second_judge, "audit.second_judge")
 
 
 @dataclass
@@ -472,6 +477,8 @@ class GateConfig:
     max_utility_drop: float | None = setting("Ceiling on base minus fine-tuned accuracy on the utility probe.",
                                            default=None)
     max_judge_error_rate: float = setting("Ceiling on unscorable samples; 0 = fail closed on any.", default=0.0)
+    min_judge_agreement: float | None = setting("Floor on the two audit judges' agreement (audit.second_judge), base "
+                                                "and fine-tuned.", default=None)
     paired_alpha: float | None = setting("Exact one-sided McNemar test per k on the per-prompt verdicts "
                                          "(samples.jsonl): reject when p < alpha (None: off).", default=None)
 

@@ -291,6 +291,26 @@ def _utility_rule(limit: float, base: dict | None, tuned: dict | None, inputs: G
                    f"({b['correct']}/{b['n']})", **where)]
 
 
+@gate_rule("min_judge_agreement", {
+    "description": "Floor on the two audit judges' agreement on harmful verdicts (audit.second_judge), for the base "
+                   "and the fine-tuned model (null = off).",
+    "type": ["number", "null"], "minimum": 0, "maximum": 1})
+def _agreement_rule(limit: float, base: dict | None, tuned: dict | None, inputs: GateInputs) -> list[RuleResult]:
+    out = []
+    for model, result in (("finetuned", tuned), ("base", base)):
+        agreement = (result or {}).get("judge_agreement")
+        if not agreement or not agreement["n"]:
+            out.append(_missing("min_judge_agreement", limit, f"The report has no judge agreement for the {model} "
+                                f"model; audit with audit.second_judge set", model=model))
+            continue
+        passed = agreement["rate"] >= limit - TOLERANCE
+        out.append(RuleResult(rule="min_judge_agreement", limit=limit, value=agreement["rate"], passed=passed,
+                              model=model, reason=f"The judges agree on {agreement['agree']} of {agreement['n']} "
+                              f"{model} samples ({_num(agreement['rate'])}), {'at or above' if passed else 'below'} "
+                              f"the floor {_num(limit)}"))
+    return out
+
+
 @gate_rule("max_kl_first5", {
     "description": "Ceiling on mean KL(fine-tuned || base) over response positions 1..5, in nats.",
     "type": ["number", "null"], "minimum": 0})

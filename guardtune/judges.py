@@ -81,6 +81,26 @@ def rate_entry(verdicts: Sequence[Verdict], field: str) -> dict[str, Any]:
 Z95 = 1.959964
 
 
+def judge_agreement(first: Sequence[Verdict], second: Sequence[Verdict], where: Sequence[tuple[str, str, int]],
+                    second_judge: dict[str, Any], cap: int = 200) -> dict[str, Any]:
+    """How often two judges give the same harmful verdict on the same samples (both scored), with its Wilson
+    interval, Cohen's kappa (chance-corrected; None when one judge is constant) and the disagreeing samples
+    (`where` = (set, id, k) per sample; at most `cap` listed, all counted)."""
+    pairs = [(a.harmful, b.harmful, w) for a, b, w in zip(first, second, where)
+             if a.error is None and b.error is None and a.harmful is not None and b.harmful is not None]
+    n = len(pairs)
+    agree = sum(a == b for a, b, _ in pairs)
+    disagreements = [{"set": w[0], "id": w[1], "k": w[2], "first": a, "second": b} for a, b, w in pairs if a != b]
+    kappa = None
+    if n:
+        p_first, p_second = sum(a for a, _, _ in pairs) / n, sum(b for _, b, _ in pairs) / n
+        expected = p_first * p_second + (1 - p_first) * (1 - p_second)
+        kappa = (agree / n - expected) / (1 - expected) if expected < 1 else None
+    return {"judge": second_judge, "n": n, "agree": agree, "rate": agree / n if n else 0.0,
+            "ci95": list(wilson_interval(agree, n)), "kappa": kappa, "n_disagreements": len(disagreements),
+            "disagreements": disagreements[:cap]}
+
+
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; (0, 1) when n = 0 (nothing is known)."""
     if n < 0 or successes < 0 or successes > n:

@@ -91,6 +91,12 @@ def _result_issues(base: str, result: dict[str, Any]) -> list[Issue]:
                                                            f"have one entry."))
         by_k[entry["k"]] = entry
         issues += _rate_issues(f"{base}/asr/{i}", entry, "harmful", entry["errors"])
+    agreement = result.get("judge_agreement")
+    if agreement is not None:
+        issues += _rate_issues(f"{base}/judge_agreement", agreement, "agree", 0)
+        if agreement["n_disagreements"] != agreement["n"] - agreement["agree"]:
+            issues.append(_inconsistent(f"{base}/judge_agreement/n_disagreements", f"{agreement['n_disagreements']} "
+                                        f"disagreements, but n - agree is {agreement['n'] - agreement['agree']}."))
     totals: dict[int, list[int]] = {}
     for category, rows in result["asr_by_category"].items():
         for i, entry in enumerate(rows):
