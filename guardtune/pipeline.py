@@ -113,7 +113,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
              out: str | Path | None = None, objective: str | None = None, quantization: str | None = None,
              epochs: float | None = None, max_steps: int | None = None, trust_remote_code: bool | None = None,
              progress: Progress | None = None, split: str = "train", resume: bool = False,
-             **train_overrides: Any) -> RunResult | None:
+             callbacks: Sequence[Any] = (), **train_overrides: Any) -> RunResult | None:
     """Run the whole job. Returns a RunResult whether the gate passed or rejected (check `.released`);
     raises GuardtuneError (DatasetError, ModelError, ...) when a stage cannot run at all.
 
@@ -122,7 +122,9 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     `resume=True` continues the job in `out` (a run directory a previous call left, e.g. killed): every stage
     whose artifact is there and was made from the same data, policy and settings is taken as it is (listed in
     RunResult.reused), training continues from its newest checkpoint when there is one, and the rest runs.
-    A run directory made from other data or another policy is refused.
+    A run directory made from other data or another policy is refused. `callbacks` are transformers
+    TrainerCallbacks handed to the Trainer (experiment trackers, custom logging; `training.trainer_args.report_to`
+    names the built-in integrations: tensorboard, wandb, mlflow, as installed).
     Under `torchrun` / `accelerate launch` every process trains (DDP), shares the reference precompute and
     generates its share of the audit's continuations; the main process alone validates, judges, gates and
     releases, and the others return None.
@@ -157,7 +159,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
         else:
             checkpoints = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
             training = train_stage(train_path, run, run_dir, progress=stage("train"), validated=filtered_sha,
-                                   resume=checkpoints)
+                                   resume=checkpoints, callbacks=callbacks)
     timings["train"] = time.perf_counter() - t0
     timestamps["trained_at"] = _now()
     training.model = None  # the audit loads the base and the adapter from disk; do not hold two copies

@@ -25,9 +25,18 @@ def test_a_job_killed_after_training_resumes_with_the_audit(tmp_path, tiny_model
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the job dies here: validation and training are on disk, nothing after
 
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):  # a job runner's own callback, handed through finetune() to the Trainer
+        seen: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Steps.seen.append(state.global_step)
+
     monkeypatch.setattr(pipeline, "run_audit", killed)
     with pytest.raises(KeyboardInterrupt):
-        finetune(EXAMPLE, policy=policy, out=run)
+        finetune(EXAMPLE, policy=policy, out=run, callbacks=[Steps()])
+    assert Steps.seen == [1, 2]  # the tiny policy trains 2 steps
     assert (run / "train_metrics.json").is_file() and not (run / "audit").exists()
     metrics, adapter = sha256_file(run / "train_metrics.json"), sha256_tree(run / "adapter")
 
