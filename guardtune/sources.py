@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from .errors import DatasetError, MissingDependencyError
 from .provenance import sha256_file
@@ -121,6 +121,20 @@ def _parquet_rows(path: Path) -> list[Any]:
         raise DatasetError(f"{path} is not a readable parquet file ({exc}).") from exc
 
 
+@contextmanager
+def _offline(datasets: Any) -> Iterator[None]:
+    """Hub access off while loading: datasets and huggingface_hub read their offline flags at import time (the
+    environment variables), so the flags themselves are switched, and restored afterwards."""
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _datasets_rows(spec: str, split: str) -> Iterable[Any]:
     try:
         import datasets
@@ -130,9 +144,9 @@ def _datasets_rows(spec: str, split: str) -> Iterable[Any]:
     if Path(spec).is_dir():
         loaded = datasets.load_from_disk(spec)
     else:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local cache only: never download customer data
         try:
-            loaded = datasets.load_dataset(spec, split=split)
+            with _offline(datasets):  # the local cache only: a hub id is never downloaded here
+                loaded = datasets.load_dataset(spec, split=split)
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not there"
             raise DatasetError(f"The dataset {spec!r} is not in the local Hugging Face cache ({exc}). Download it "
                                f"where the hub is reachable, or pass a local file.") from exc

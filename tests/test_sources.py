@@ -76,8 +76,13 @@ def test_unreadable_sources_say_what_is_wrong(tmp_path):
     (tmp_path / "obj.json").write_text('{"messages": []}')
     with pytest.raises(DatasetError, match="not an array of records"):
         materialize(tmp_path / "obj.json", tmp_path / "o")
+    import datasets
+    from huggingface_hub import constants
+
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
     with pytest.raises(DatasetError, match="not in the local Hugging Face cache"):
         materialize("no-such-org/no-such-dataset", tmp_path / "o")
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before  # offline only while loading
     with pytest.raises(DatasetError, match="Cannot read"):  # a missing .jsonl keeps the reader's own message
         validate_dataset(tmp_path / "missing.jsonl")
 
