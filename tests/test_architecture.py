@@ -18,7 +18,7 @@ ORCHESTRATORS = {"pipeline", "alignment", "redteaming", "trl_trainer", "hub"}
 CONTROL_PLANE = ["guardtune.dataset", "guardtune.policy", "guardtune.config", "guardtune.gate", "guardtune.release",
                  "guardtune.report", "guardtune.judges", "guardtune.evalsets", "guardtune.provenance",
                  "guardtune.schemas", "guardtune.modelspec", "guardtune.cache", "guardtune.records",
-                 "guardtune.modelcard", "guardtune.hub"]
+                 "guardtune.modelcard", "guardtune.hub", "guardtune.sources"]
 
 
 def module_name(path: Path) -> str:
