@@ -56,7 +56,7 @@ def render_card(manifest: dict[str, Any], report: dict[str, Any], decision: dict
              f"# {manifest['id']}: LoRA adapter on `{spec}` ({manifest['status']}, gate {verdict})", ""]
     status = ("It passed every rule of the gate and was released." if verdict == "PASS" else
               "The gate **rejected** it: this adapter is in quarantine and must not be deployed.")
-    lines += [f"Fine-tuned and audited by [guardtune](https://pypi.org/project/guardtune/) beside its base model "
+    lines += [f"Fine-tuned and audited by guardtune beside its base model "
               f"`{spec}` (weights sha256 `{manifest['base_model']['weights_sha256'][:16]}…`), then gated on the policy "
               f"`{policy['name']}` v{policy['version']}. {status}", ""]
 
