@@ -68,7 +68,8 @@ def render_issues(issues: Iterable[Any], cap: int = 5) -> list[str]:
 
 
 class StageProgress:
-    """A tqdm bar per (stage, phase) on stderr, for progress(stage, phase, done, total) callbacks."""
+    """A tqdm bar per (stage, phase) on stderr, for progress(stage, phase, done, total) callbacks. A bar is closed
+    when its phase completes, so its last line is printed once, before other libraries' output."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -86,10 +87,13 @@ class StageProgress:
             unit = "example" if phase.endswith("screen") else "step"  # the risk screen counts examples
             self.bar = tqdm(total=total or None, desc=label, unit=unit, leave=True, dynamic_ncols=True)
             self.key = (stage, phase)
-        if self.bar is not None:
+        if self.bar is not None and done != self.bar.n:  # each state is printed once: creation shows 0
             if total and self.bar.total != total:
                 self.bar.total = total
             self.bar.n = done
+            if total and done >= total:
+                self.close()  # close() prints the final state; refreshing first would print it twice
+                return
             self.bar.refresh()
 
     def stage(self, stage: str):
