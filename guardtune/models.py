@@ -66,6 +66,21 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return names[dtype]
 
 
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off while a local directory loads (it says nothing a job's own progress
+    does not; guardtune loads several models per job); the caller's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", device: str | None = None,
                trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from an embedded name, a local directory or a hub id.
@@ -92,7 +107,8 @@ def load_model(spec: str, *, quantization: str = "none", dtype: str = "auto", de
         kwargs["quantization_config"] = nf4_config(torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"Could not load model {spec!r} from {path}: {exc}") from exc
     if quantization == "nf4":

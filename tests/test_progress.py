@@ -17,3 +17,14 @@ def test_each_state_is_printed_once(capsys):
     states = re.findall(r"(train|audit: generate:base): +\d+%\|[^|]*\| (\d+)/(\d+)", err)
     assert states == [("train", str(i), "4") for i in range(5)] + [("audit: generate:base", "0", "2"),
                                                                       ("audit: generate:base", "2", "2")]
+
+
+def test_loading_a_model_prints_no_weight_loading_bar_and_restores_the_setting(tiny_model_dir, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from guardtune.models import load_model
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_model(str(tiny_model_dir))
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
