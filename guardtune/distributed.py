@@ -9,6 +9,7 @@ torch.distributed is never touched.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -31,14 +32,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_teardown_registered = False
+
+
 def _group() -> Any:
     """torch.distributed, its process group initialised through accelerate's PartialState (gloo on CPU, NCCL on
-    CUDA): the same state the Trainer uses afterwards."""
+    CUDA): the same state the Trainer uses afterwards. The group is destroyed at exit: left to interpreter
+    teardown, gloo's threads can abort a process that has finished its work ("terminate called without an
+    active exception", seen once in CI on the 2-process test)."""
+    global _teardown_registered
     import torch.distributed as dist
     from accelerate import PartialState
 
     PartialState()
+    if not _teardown_registered:
+        atexit.register(_destroy_group)
+        _teardown_registered = True
     return dist
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - at exit, nothing is left to report it to
+            pass
 
 
 def barrier() -> None:
