@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 
 import click
@@ -55,6 +54,8 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from guardtune.errors import EXIT_USAGE, GuardtuneError, error_payload
 
+        from ._common import echo_json
+
         for stream in (sys.stdout, sys.stderr):  # text from hostile files must never crash the output
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")
@@ -68,7 +69,7 @@ class LazyGroup(click.Group):
         except click.UsageError as exc:
             if not as_json:
                 raise
-            _echo_json({"ok": False, "error": {
+            echo_json({"ok": False, "error": {
                 "code": "usage", "message": exc.format_message(), "hint": f"Run `guardtune {command} --help`.",
                 "stage": None, "exit_code": EXIT_USAGE, "issues": []}})
             ctx.exit(EXIT_USAGE)
@@ -77,7 +78,7 @@ class LazyGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - every failure gets an exit code and, under --json, an object
             payload = error_payload(exc, STAGE_OF.get(command or ""))
             if as_json:
-                _echo_json(payload)
+                echo_json(payload)
             elif isinstance(exc, GuardtuneError):
                 click.secho(f"error: {exc}", fg="red", err=True)
             else:
@@ -85,10 +86,6 @@ class LazyGroup(click.Group):
                 click.secho(f"internal error: {payload['error']['message']}\n{payload['error']['hint']}", fg="red",
                             err=True)
             ctx.exit(payload["error"]["exit_code"])
-
-
-def _echo_json(payload: dict) -> None:
-    click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
