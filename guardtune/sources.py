@@ -63,8 +63,8 @@ def kind_of(spec: str | Path) -> str:
     if path.is_file():
         return next((kind for suffix, kind in SUFFIXES if name.endswith(suffix)), "jsonl")
     text = str(spec)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and "." not in text.split("/")[1][-8:]:
-        return "datasets"  # org/name: a hub dataset id, read from the local cache only
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
+        return "datasets"  # org/name (no file suffix): a hub dataset id, read from the local cache only
     return "jsonl"
 
 
