@@ -73,19 +73,10 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path, data, lear
 def test_two_processes_audit_with_the_continuations_of_one(tmp_path, learnable_model_dir):
     """The hf backend splits the prompts over the processes and gathers them; the main process judges and writes
     the same report one process writes (samples byte for byte)."""
-    import torch
+    from tiny_models import save_moved_adapter
 
-    from guardtune.config import TrainConfig
-    from guardtune.models import attach_lora, load_model
-
-    torch.manual_seed(0)
-    model = attach_lora(load_model(str(learnable_model_dir)).model, TrainConfig(lora_r=4, lora_alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(str(tmp_path / "adapter"))
-    args = [str(JOB), "audit", str(learnable_model_dir), str(tmp_path / "adapter")]
+    adapter = save_moved_adapter(learnable_model_dir, tmp_path / "adapter")
+    args = [str(JOB), "audit", str(learnable_model_dir), str(adapter)]
     launch([*args, str(tmp_path / "one")], 1, tmp_path / "c1")
     done = launch([*args, str(tmp_path / "two")], 2, tmp_path / "c2")
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("process")) == \

@@ -37,34 +37,33 @@ def test_finetune_json_on_a_bad_file_is_one_object_with_the_bad_input_code(tmp_p
     assert not (tmp_path / "r" / "adapter").exists()
 
 
-def test_an_unexpected_failure_is_an_internal_error_with_exit_4(tmp_path, monkeypatch):
-    def crash(*args, **kwargs):
-        raise RuntimeError("CUDA error: out of memory")
+def finetune_failing_with(monkeypatch, error: Exception, *options: str):
+    """`guardtune finetune EXAMPLE *options` with the pipeline raising `error`."""
+    def fail(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(guardtune.pipeline, "finetune", crash)
-    done = CliRunner().invoke(main, ["finetune", str(EXAMPLE), "--json"])
+    monkeypatch.setattr(guardtune.pipeline, "finetune", fail)
+    return CliRunner().invoke(main, ["finetune", str(EXAMPLE), *options])
+
+
+def test_an_unexpected_failure_is_an_internal_error_with_exit_4(tmp_path, monkeypatch):
+    done = finetune_failing_with(monkeypatch, RuntimeError("CUDA error: out of memory"), "--json")
     assert done.exit_code == EXIT_INFRASTRUCTURE
     error = one_json_object(done.stdout)["error"]
     assert error["code"] == "internal" and error["message"] == "RuntimeError: CUDA error: out of memory"
     assert "Traceback" in error["traceback"]
-    text = CliRunner().invoke(main, ["finetune", str(EXAMPLE)])
+    text = finetune_failing_with(monkeypatch, RuntimeError("CUDA error: out of memory"))
     assert text.exit_code == EXIT_INFRASTRUCTURE and "internal error: RuntimeError" in text.output
 
 
 def test_a_missing_package_is_an_infrastructure_failure_and_a_bad_judge_bad_input(tmp_path, monkeypatch):
-    def missing(*args, **kwargs):
-        raise MissingDependencyError("audit.backend is 'vllm' but vLLM is not installed.")
-
-    monkeypatch.setattr(guardtune.pipeline, "finetune", missing)
-    done = CliRunner().invoke(main, ["finetune", str(EXAMPLE), "--json"])
+    missing = MissingDependencyError("audit.backend is 'vllm' but vLLM is not installed.")
+    done = finetune_failing_with(monkeypatch, missing, "--json")
     assert done.exit_code == EXIT_INFRASTRUCTURE
     assert one_json_object(done.stdout)["error"]["code"] == "missing-dependency"
 
-    def bad_judge(*args, **kwargs):
-        raise JudgeError("dataset.screen.judge: the API key variable SCREEN_KEY is not set.")
-
-    monkeypatch.setattr(guardtune.pipeline, "finetune", bad_judge)
-    done = CliRunner().invoke(main, ["finetune", str(EXAMPLE), "--json"])
+    bad_judge = JudgeError("dataset.screen.judge: the API key variable SCREEN_KEY is not set.")
+    done = finetune_failing_with(monkeypatch, bad_judge, "--json")
     assert done.exit_code == EXIT_BAD_INPUT and one_json_object(done.stdout)["error"]["code"] == "bad-judge"
 
 

@@ -23,18 +23,9 @@ SMALL = dict(sample_harmful=6, sample_benign=4, sample_utility=5, max_new_tokens
 @pytest.fixture(scope="module")
 def moved_adapter(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA adapter with random B (the fine-tuned model differs from its base)."""
-    from guardtune.config import TrainConfig
-    from guardtune.models import attach_lora, load_model
+    from tiny_models import save_moved_adapter
 
-    torch.manual_seed(0)
-    model = attach_lora(load_model(str(tiny_model_dir)).model, TrainConfig(lora_r=4, lora_alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("moved-adapter")
-    model.save_pretrained(str(out))
-    return out
+    return save_moved_adapter(tiny_model_dir, tmp_path_factory.mktemp("moved-adapter"))
 
 
 def options(**changes):

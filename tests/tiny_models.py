@@ -66,6 +66,24 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 16, layers: int = 2
     return LlamaForCausalLM(config)
 
 
+def save_moved_adapter(model_dir: Path, directory: Path) -> Path:
+    """A LoRA adapter (r 4) for the model in `model_dir` with random B, saved to `directory`: unlike a fresh
+    adapter (B = 0), the fine-tuned model differs from its base."""
+    import torch
+
+    from guardtune.config import TrainConfig
+    from guardtune.models import attach_lora, load_model
+
+    torch.manual_seed(0)
+    model = attach_lora(load_model(str(model_dir)).model, TrainConfig(lora_r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(str(directory))
+    return directory
+
+
 def save_tiny_model(directory: Path, seed: int = 0, **model_options) -> Path:
     """Write a tiny model + tokenizer to `directory` (a local model spec for guardtune)."""
     tokenizer = build_tokenizer()
