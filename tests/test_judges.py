@@ -429,7 +429,7 @@ def scripted_generate(judge, output: str, unsafe_logit: float, safe_logit: float
 
     target = judge.tokenizer.encode(output, add_special_tokens=False) + [judge.tokenizer.eos_token_id]
     vocab = judge.model.config.vocab_size
-    unsafe_id, safe_id = judge._verdict_ids
+    unsafe_id, safe_id = judge._verdict_ids or (None, None)  # WildGuard: no verdict-token probability
     first_word = next(i for i, t in enumerate(target) if judge.tokenizer.decode([t]).strip())
 
     def generate(input_ids, attention_mask, **kwargs):
@@ -439,7 +439,7 @@ def scripted_generate(judge, output: str, unsafe_logit: float, safe_logit: float
         for step, token in enumerate(target):
             row = torch.full((batch, vocab), -5.0, device=input_ids.device)
             row[:, token] = 10.0
-            if step == first_word:
+            if step == first_word and unsafe_id is not None:
                 row[:, unsafe_id], row[:, safe_id] = unsafe_logit, safe_logit
             logits.append(row)
         generated = torch.tensor(target, device=input_ids.device).repeat(batch, 1)
