@@ -187,6 +187,7 @@ TRAINER_ARGS_OWNED = {
     "remove_unused_columns": "nothing (the constrained objective's columns must reach compute_loss)",
     "average_tokens_across_devices": "nothing (the objective is normalised over every process's tokens)",
     "use_cpu": "the model's device", "disable_tqdm": "the progress callback (the CLI's bars)",
+    "report_to": "training.report_to",
 }
 
 
@@ -242,15 +243,20 @@ class TrainConfig:
     save_steps: int | None = setting("Checkpoint every N optimizer steps (for resume); None = no checkpoints.",
                                    default=None)
     seed: int = setting("Seed for data order, LoRA init and dropout.", default=42)
+    report_to: tuple[str, ...] = setting(
+        "Experiment trackers the Trainer logs loss and learning rate to, by transformers' names (tensorboard, "
+        "wandb, mlflow, comet_ml, clearml, trackio, ...); each must be installed, and its own settings come from its "
+        "environment variables (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...). Empty = none.", factory=tuple)
     trainer_args: dict[str, Any] = setting(
         "transformers.TrainingArguments fields passed to the Trainer as given (deepspeed, fsdp, fsdp_config, "
-        "gradient_checkpointing, optim, bf16, report_to, logging_steps, save_total_limit, ...). The fields guardtune "
+        "gradient_checkpointing, optim, bf16, logging_steps, save_total_limit, ...). The fields guardtune "
         "sets from its own keys (TRAINER_ARGS_OWNED) cannot be set here: the objective, the optimizer's settings and "
         "the data pipeline carry its safety meaning.", factory=dict)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
+        self.report_to = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
         check_choices(self)

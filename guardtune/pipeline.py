@@ -123,7 +123,7 @@ def finetune(dataset: str | Path, *, model: str | None = None, policy: Policy | 
     whose artifact is there and was made from the same data, policy and settings is taken as it is (listed in
     RunResult.reused), training continues from its newest checkpoint when there is one, and the rest runs.
     A run directory made from other data or another policy is refused. `callbacks` are transformers
-    TrainerCallbacks handed to the Trainer (experiment trackers, custom logging; `training.trainer_args.report_to`
+    TrainerCallbacks handed to the Trainer (experiment trackers, custom logging; `training.report_to`
     names the built-in integrations: tensorboard, wandb, mlflow, as installed).
     Under `torchrun` / `accelerate launch` every process trains (DDP), shares the reference precompute and
     generates its share of the audit's continuations; the main process alone validates, judges, gates and

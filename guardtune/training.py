@@ -391,8 +391,8 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
     if unknown:
         raise ConfigError(f"training.trainer_args.{unknown[0]} is not a transformers.TrainingArguments field "
                           f"(transformers {transformers.__version__}).{did_you_mean(unknown[0], known)}")
-    passed = {"logging_steps": 1, "report_to": "none", "dataloader_num_workers": 0, "optim": "adamw_torch",
-              "bf16": use_bf16, **cfg.trainer_args}
+    passed = {"logging_steps": 1, "dataloader_num_workers": 0, "optim": "adamw_torch", "bf16": use_bf16,
+              **cfg.trainer_args}
     return TrainingArguments(
         **passed,
         output_dir=str(out_dir / "checkpoints"),
@@ -414,7 +414,26 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, use_bf16: bool, on_cpu:
         remove_unused_columns=False,  # keep completion_mask, response_positions and ref_logps
         use_cpu=on_cpu,
         disable_tqdm=own_progress,  # the caller's progress callback replaces the Trainer's bar
+        report_to=_trackers(cfg.report_to),
     )
+
+
+def _trackers(names: tuple[str, ...]) -> list[str] | str:
+    """training.report_to as TrainingArguments.report_to, refused here (before the model loads) when transformers
+    has no such integration or its package is not installed — the Trainer would fail later, or silently log nowhere."""
+    if not names:
+        return "none"
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"training.report_to: {name!r} is not a tracker transformers knows."
+                              f"{did_you_mean(name, INTEGRATION_TO_CALLBACK)}")
+        if name not in get_available_reporting_integrations():
+            raise ConfigError(f"training.report_to: {name} is not installed in this environment; install its package "
+                              f"(e.g. pip install {name}) or remove it from training.report_to.")
+    return list(names)
 
 
 def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | None = None,
@@ -440,6 +459,7 @@ def train(dataset: str | Path, config: TrainConfig | RunConfig | Policy | str | 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy, cfg, mcfg = resolve_stage("training", config, model, overrides, trust_remote_code)
+    _trackers(cfg.report_to)  # a tracker that is not installed fails now, not after the model has loaded
     for note in cfg.warnings():
         logger.warning(note)
     expected_sha256 = validated if isinstance(validated, str) else None

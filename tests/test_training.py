@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from guardtune.config import TrainConfig
-from guardtune.errors import DatasetError, TemplateError
+from guardtune.errors import ConfigError, DatasetError, TemplateError
 from guardtune.pipeline import train  # validates, then the train stage
 from guardtune.training import train as train_stage
 
@@ -370,3 +370,23 @@ def test_train_validates_first_and_trains_nothing_on_invalid_data(tiny_model_dir
         train(bad, model=str(tiny_model_dir), out=tmp_path / "run", max_steps=1)
     assert json.loads((tmp_path / "run" / "validation.json").read_text())["valid"] is False
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_report_to_logs_the_run_to_an_installed_tracker_and_refuses_others(tiny_model_dir, data, tmp_path,
+                                                                           monkeypatch):
+    # tensorboardX (the dev extra) is the tracker transformers' TensorBoardCallback writes with.
+    result = train(data, model=str(tiny_model_dir), out=tmp_path / "tb", max_steps=2, batch_size=4,
+                   report_to=["tensorboard"])
+    assert result.metrics["steps"] == 2
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+    with pytest.raises(ConfigError, match=r"'tensorbord' is not a tracker transformers knows\. Did you mean "
+                                          r"'tensorboard'"):
+        train(data, model=str(tiny_model_dir), out=tmp_path / "typo", max_steps=1, report_to=["tensorbord"])
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: [])
+    with pytest.raises(ConfigError, match="wandb is not installed in this environment; install"):
+        train(data, model=str(tiny_model_dir), out=tmp_path / "missing", max_steps=1, report_to=["wandb"])
+    assert not (tmp_path / "missing" / "adapter").exists()
+    with pytest.raises(ConfigError, match="trainer_args.report_to is set by guardtune itself; use training.report_to"):
+        TrainConfig(trainer_args={"report_to": "wandb"})
