@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -14,6 +15,8 @@ from .distributed import local_rank, world_size
 from .errors import ConfigError, MissingDependencyError, ModelError
 from .modelspec import classify_spec, quiet_peft_wrapping, resolve_model_dir, weights_sha256
 from .templates import ensure_pad_token
+
+log = logging.getLogger(__name__)
 
 QUANTIZATIONS = choices(TrainConfig, "quantization")
 
@@ -127,10 +130,36 @@ def nf4_config(compute_dtype: Any) -> Any:
     """QLoRA's quantization: NF4 with double quantization, computing in `compute_dtype` (bf16 GPU, fp32 CPU)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MissingDependencyError("quantization nf4 needs bitsandbytes: pip install bitsandbytes")
+    quiet_bitsandbytes_kernels_warning()  # before anything imports bitsandbytes: the warning comes at import
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+class _KernelsNotice(logging.Filter):
+    """Replaces bitsandbytes' import-time warning on AVX512-BF16 CPUs ("Failed to load CPU gemm_4bit_forward from
+    kernels-community ... pip install kernels"): the optional `kernels` package fetches that kernel from the Hugging
+    Face Hub; without it NF4 runs on bitsandbytes' own CPU kernels, which is what guardtune needs anyway (it turns
+    the AVX512-BF16 weight repacking off: disable_cpu_weight_repacking). Said once, at info level."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" not in record.getMessage():
+            return True
+        if not _KernelsNotice.said:
+            _KernelsNotice.said = True
+            log.info("bitsandbytes' optional CPU kernel (package `kernels`, fetched from the Hugging Face Hub) is not "
+                     "in use; NF4 runs on bitsandbytes' built-in CPU kernels. Nothing to do.")
+        return False
+
+
+def quiet_bitsandbytes_kernels_warning() -> None:
+    """Install _KernelsNotice on the bitsandbytes logger that warns (idempotent)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _KernelsNotice) for f in logger.filters):
+        logger.addFilter(_KernelsNotice())
 
 
 def disable_cpu_weight_repacking(model: Any) -> int:

@@ -422,3 +422,22 @@ def test_embedded_model_converts_once_then_loads_from_safetensors(capsys):
     assert text.strip()
     with capsys.disabled():
         print(f"\n[embedded] GGUF->cache {built:.1f} s, cached reload {reload:.2f} s, generated {text!r}")
+
+
+def test_the_bitsandbytes_kernels_warning_is_replaced_by_one_notice(caplog):
+    # What bitsandbytes 0.50 logs at import on AVX512-BF16 CPUs without the optional `kernels` package.
+    import logging
+
+    models.quiet_bitsandbytes_kernels_warning()
+    models.quiet_bitsandbytes_kernels_warning()  # idempotent: one filter
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert sum(isinstance(f, models._KernelsNotice) for f in bnb_logger.filters) == 1
+    models._KernelsNotice.said = False
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            bnb_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                               "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        bnb_logger.warning("an unrelated bitsandbytes warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("kernels-community" in m for m in messages)
+    assert sum("optional CPU kernel" in m for m in messages) == 1 and "an unrelated bitsandbytes warning" in messages
