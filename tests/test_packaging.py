@@ -25,7 +25,7 @@ def test_wheel_ships_package_data_under_distinct_names(tmp_path):
         assert f"guardtune_policies/{policy.name}" in names
     for schema in (REPO / "guardtune" / "schemas").glob("*.json"):
         assert f"guardtune/schemas/{schema.name}" in names
-    for data in ("harmful.jsonl", "benign.jsonl", "refusal_phrases.txt", "hazard_terms.json",
+    for data in ("harmful.jsonl", "benign.jsonl", "refusal_phrases.txt", "hazard_terms.json", "judge_cues.json",
                  "judge_injections.jsonl", "report.html.j2"):
         assert f"guardtune/data/{data}" in names
     assert "guardtune_cli/main.py" in names
