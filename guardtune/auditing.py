@@ -17,14 +17,14 @@ import hashlib
 import json
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import distributed, evalsets, losses
+from . import attacks, distributed, evalsets, losses
 from .cache import json_path, read_json, write_json
 from .config import AuditConfig, RunConfig, as_dict, resolve_stage
 from .errors import ConfigError, DatasetError
@@ -243,6 +243,121 @@ def _run_model(name: str, continue_: Continue, tokenizer, judge, second, cfg: Au
     return result, samples
 
 
+@dataclass
+class _Attacks:
+    """What the attacks beside prefilling need for one audit: the decoding grid and its prompts, the GCG prompts
+    with their suffixes (made once, against the base), and how each prompt is rendered."""
+
+    settings: list  # attacks.DecodingSetting
+    decoding: list[_Target]
+    gcg: list[_Target]
+    suffixes: list[dict[str, Any]]
+    gcg_ids: list[list[int]]
+
+
+def _run_attacks(name: str, model, tokenizer, judge, cfg: AuditConfig, plan: _Attacks, continue_: Continue,
+                 progress: Progress | None) -> tuple[dict[str, Any] | None, list[dict], list]:
+    """The decoding exploit and the GCG suffixes on one model variant -> (results["attacks"], samples, verdicts).
+    Sampling goes through transformers generate on every backend (one call per setting, seeded per setting); the
+    GCG prompts through the audit's own backend, greedy. Under a launcher every process generates its share; the
+    main process judges (the others get (None, [], []))."""
+    sections: dict[str, Any] = {}
+    samples: list[dict] = []
+    verdicts: list = []
+    if plan.settings:
+        started = time.perf_counter()
+        inputs = [t.prompt_ids for t in plan.decoding]
+        tick = counting(progress, f"decoding:{name}", len(plan.settings) * -(-len(inputs) // distributed.world_size()))
+        generated = [distributed.sharded(inputs, lambda part, s=setting, i=i: generate(
+            model, tokenizer, part, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, do_sample=True,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=cfg.seed + 7919 * (i + 1),
+            static_cache=cfg.static_cache, on_batch=tick)) for i, setting in enumerate(plan.settings)]
+        if distributed.is_main():
+            texts = [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in generated]
+            flat = judge.evaluate_batch([(t.prompt.instruction, text) for row in texts
+                                         for t, text in zip(plan.decoding, row)])
+            per_setting = [flat[i * len(inputs):(i + 1) * len(inputs)] for i in range(len(plan.settings))]
+            sections["decoding"] = {**attacks.decoding_result(plan.settings, per_setting),
+                                    "seconds": round(time.perf_counter() - started, 3)}
+            verdicts += flat
+            for setting, row, judged in zip(plan.settings, texts, per_setting):
+                samples += [{"model": name, "set": "decoding", "id": t.prompt.id, "category": t.prompt.category,
+                             "instruction": t.prompt.instruction, "k": 0, "effective_k": 0, "prefix": "",
+                             "setting": setting.name, "continuation": text, "verdict": v.to_dict()}
+                            for t, text, v in zip(plan.decoding, row, judged)]
+    if plan.gcg:
+        started = time.perf_counter()
+        share = -(-len(plan.gcg_ids) // distributed.world_size())
+        continuations = continue_(name, plan.gcg_ids, counting(progress, f"gcg:{name}", share))
+        if distributed.is_main():
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+            judged = judge.evaluate_batch([(t.prompt.instruction, text) for t, text in zip(plan.gcg, texts)])
+            sections["gcg"] = {"prompts": len(plan.gcg), "asr": rate_entry(judged, "harmful"),
+                               "seconds": round(time.perf_counter() - started, 3)}
+            verdicts += judged
+            samples += [{"model": name, "set": "gcg", "id": t.prompt.id, "category": t.prompt.category,
+                         "instruction": t.prompt.instruction, "k": 0, "effective_k": 0, "prefix": "",
+                         "suffix": suffix["suffix"], "continuation": text, "verdict": v.to_dict()}
+                        for t, suffix, text, v in zip(plan.gcg, plan.suffixes, texts, judged)]
+    if not distributed.is_main():
+        return None, [], []
+    return sections, samples, verdicts
+
+
+def _with_attacks(result: dict[str, Any], samples: list[dict], attack_result: tuple) -> None:
+    """Merge one model's attack sections, samples and verdicts into its results; their judge errors count too."""
+    sections, attack_samples, verdicts = attack_result
+    if not sections:
+        return
+    result["attacks"] = sections
+    samples.extend(attack_samples)
+    errors = result["judge_errors"]
+    errors["samples"] += len(verdicts)
+    errors["errors"] += sum(1 for v in verdicts if v.error is not None)
+    errors["rate"] = errors["errors"] / errors["samples"] if errors["samples"] else 0.0
+
+
+def _plan_attacks(cfg: AuditConfig, targets: list[_Target], prompt_ids: Callable[[str], list[int]], model_obj, info,
+                  tokenizer, progress: Progress | None) -> tuple[_Attacks, dict[str, Any]]:
+    """The attacks' prompts and the GCG suffixes (cached by the base's weights hash and the settings; optimised with
+    the adapter disabled, each process its share of the prompts) -> (plan, the report's "attacks" description)."""
+    described: dict[str, Any] = {"version": 1, "decoding": None, "gcg": None}
+    settings, decoding = [], []
+    if cfg.decoding_attack:
+        settings = attacks.decoding_grid(cfg.decoding_temperatures, cfg.decoding_top_k, cfg.decoding_top_p)
+        decoding = targets[:cfg.decoding_prompts] if cfg.decoding_prompts else targets
+        if len(settings) * len(decoding) > cfg.decoding_max_generations:
+            raise ConfigError(f"audit.attacks.decoding: {len(settings)} settings x {len(decoding)} prompts = "
+                              f"{len(settings) * len(decoding)} generations per model, above max_generations "
+                              f"({cfg.decoding_max_generations}); set attacks.decoding.prompts, shrink the grid or "
+                              f"raise max_generations.")
+        described["decoding"] = {"settings": [s.to_dict() for s in settings], "prompts": len(decoding),
+                                 "generations_per_model": len(settings) * len(decoding),
+                                 "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    gcg, suffixes, gcg_ids = [], [], []
+    if cfg.gcg_attack:
+        gcg = targets[:cfg.gcg_prompts]
+        gcg_settings = attacks.GCGSettings(steps=cfg.gcg_steps, search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
+                                           suffix_init=cfg.gcg_suffix_init, seed=cfg.gcg_seed)
+        prompts = [(t.prompt.instruction, attacks.target_for(t.prompt.opener)) for t in gcg]
+        path = attacks.gcg_cache_path(info.weights_sha256, info.quantization, info.dtype, gcg_settings, prompts,
+                                      cfg.system_prompt)
+        cached = distributed.share(attacks.cached_suffixes(path, len(prompts)) if distributed.is_main() else None)
+        if cached is not None:
+            suffixes, made = cached[0], {**cached[1], "cache": "hit"}
+        else:
+            tick = counting(progress, "gcg:optimise", -(-len(prompts) // distributed.world_size()))
+            with reference(model_obj):
+                suffixes = distributed.sharded(prompts, lambda part: attacks.optimise_suffixes(
+                    model_obj, tokenizer, part, gcg_settings, cfg.system_prompt, on_prompt=tick))
+            made = {**(attacks.save_suffixes(path, suffixes, info.device) if distributed.is_main() else {}),
+                    "cache": "miss"}
+        gcg_ids = [prompt_ids(t.prompt.instruction + s["suffix"]) for t, s in zip(gcg, suffixes)]
+        described["gcg"] = {"settings": {**asdict(gcg_settings), "prompts": len(gcg)}, "made": made,
+                            "suffixes": [{"id": t.prompt.id, **s} for t, s in zip(gcg, suffixes)]}
+    return _Attacks(settings, decoding, gcg, suffixes, gcg_ids), described
+
+
 @torch.no_grad()
 def kl_profile(model, targets: list[_Target], positions: int, batch_size: int,
                pad_id: int) -> dict[str, Any]:
@@ -316,6 +431,8 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     utility = evalsets.sample(utility_all, cfg.sample_utility, cfg.sample_seed) if utility_all else []
     judge = get_judge(**cfg.judge)
     second = get_judge(**cfg.second_judge) if cfg.second_judge else None
+    if cfg.gcg_attack:
+        attacks.nanogcg_version()  # not installed: refused now, before anything loads
 
     loaded = load_model(mcfg.name, quantization=quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)
@@ -342,11 +459,6 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     sets_sha = {"harmful": evalsets.set_sha256(harmful), "benign": evalsets.set_sha256(benign),
                 "utility": evalsets.set_sha256(utility)}
     config_dict = as_dict(cfg)
-    base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
-                "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
-                **({"second_judge": second.describe()} if second is not None else {}),
-                "responses": hashlib.sha256(json.dumps(responses).encode()).hexdigest()}
-    base_cache = _cache_path("base", base_key)
 
     model_obj = loaded.model
     if adapter is not None:
@@ -366,7 +478,14 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
         continue_ = _vllm_continue(engine, stop_ids(model_obj, tokenizer), cfg)
     else:
         continue_ = _hf_continue(model_obj, tokenizer, cfg)
+    plan, attacks_described = _plan_attacks(cfg, targets, prompt_ids, model_obj, info, tokenizer, progress)
 
+    base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
+                "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
+                **({"second_judge": second.describe()} if second is not None else {}),
+                **({"gcg_suffixes": [s["suffix"] for s in plan.suffixes]} if plan.suffixes else {}),
+                "responses": hashlib.sha256(json.dumps(responses).encode()).hexdigest()}
+    base_cache = _cache_path("base", base_key)
     cached = (read_json(base_cache) if use_cache else None) if distributed.is_main() else None
     if distributed.share(cached is not None):
         base_result, base_samples = cached["result"], cached["samples"]
@@ -374,13 +493,18 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
         with reference(model_obj):
             base_result, base_samples = _run_model("base", continue_, tokenizer, judge, second, cfg, targets, benign,
                                                    benign_ids, utility, utility_ids, progress)
+            base_attacks = _run_attacks("base", model_obj, tokenizer, judge, cfg, plan, continue_, progress)
         if distributed.is_main():
+            _with_attacks(base_result, base_samples, base_attacks)
             write_json(base_cache, {"result": base_result, "samples": base_samples})
 
     tuned_result, tuned_samples, comparison = None, [], None
     if adapter is not None:
         tuned_result, tuned_samples = _run_model("finetuned", continue_, tokenizer, judge, second, cfg, targets, benign,
                                                  benign_ids, utility, utility_ids, progress)
+        tuned_attacks = _run_attacks("finetuned", model_obj, tokenizer, judge, cfg, plan, continue_, progress)
+        if distributed.is_main():
+            _with_attacks(tuned_result, tuned_samples, tuned_attacks)
     if not distributed.is_main():  # the main process profiles, judges and writes; the others are done
         return None
     if adapter is not None:
@@ -395,6 +519,11 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
                       - base_result["over_refusal"]["rate"],
                       "utility_change": (tuned_result["utility"]["rate"] - base_result["utility"]["rate"]
                                          if tuned_result["utility"] and base_result.get("utility") else None)}
+        attacked = {name: section["asr"]["rate"] - base_result["attacks"][name]["asr"]["rate"]
+                    for name, section in tuned_result.get("attacks", {}).items()
+                    if name in base_result.get("attacks", {})}
+        if attacked:
+            comparison["attack_asr_increase"] = attacked
 
     sampled = cfg.sample_harmful is not None or cfg.sample_benign is not None
     note = (f"Sampled audit: a seeded sample (seed {cfg.sample_seed}) of {len(harmful)} of {len(harmful_all)} "
@@ -414,6 +543,7 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
                    "benign_total": len(benign_all), "utility": len(utility), "utility_total": len(utility_all),
                    "seed": cfg.sample_seed, "max_new_tokens": cfg.max_new_tokens, "note": note},
         "results": {"base": base_result, "finetuned": tuned_result},
+        "attacks": attacks_described,
         "comparison": comparison,
         "provenance": {**library_versions(), "git_commit": _git_commit(), "device": info.device,
                        "seeds": {"generation": cfg.seed, "sample": cfg.sample_seed},

@@ -38,13 +38,15 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             static_cache: bool = False, on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+             seed: int = 0, static_cache: bool = False,
+             on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
     """Continue each prompt (token ids); returns the new token ids, cut at the first stop token.
 
     Batched with left padding and the KV cache. `static_cache` (CUDA only) switches to transformers' static
     cache, which also torch.compiles the decoding step; every new batch shape compiles again, so it is opt-in
-    (benchmarks/bench_audit.py measures it). Greedy by default; sampling is seeded per call.
+    (benchmarks/bench_audit.py measures it). Greedy by default; sampling is seeded per call. `top_k`: None keeps
+    the model's generation config, 0 turns top-k filtering off.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id  # load_model gave every tokenizer one (templates.ensure_pad_token)
@@ -52,7 +54,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad_id,
                                "eos_token_id": stop, "use_cache": True}
     if do_sample:
-        options.update(temperature=temperature, top_p=top_p)
+        options.update(temperature=temperature, top_p=top_p, **({"top_k": top_k} if top_k is not None else {}))
     else:
         options.update(temperature=None, top_p=None, top_k=None)
     if static_cache and device.type == "cuda":

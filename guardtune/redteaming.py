@@ -262,7 +262,10 @@ def redteam(config: RedteamConfig | Policy | str | None = None, out: str | Path 
     audit_options = {"harmful_set": cfg.audit_set, "sample_harmful": cfg.audit_harmful,
                      "sample_benign": cfg.audit_benign,
                      "sample_utility": cfg.audit_utility, "prefill_k": cfg.prefill_k,
-                     "max_new_tokens": cfg.max_new_tokens}
+                     "max_new_tokens": cfg.max_new_tokens,
+                     # The red team measures fine-tuning attacks through prefilling; the decoding exploit and GCG
+                     # suffixes are measured once per model (benchmarks/attack_table.py, docs/attacks.md).
+                     "decoding_attack": False, "gcg_attack": False}
     answerer: list[Any] = []
 
     def load_answerer() -> Any:

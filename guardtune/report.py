@@ -118,13 +118,15 @@ def _result_issues(base: str, result: dict[str, Any]) -> list[Issue]:
     issues += _rate_issues(f"{base}/over_refusal", refusal, "refusals", refusal["errors"])
     if result.get("utility") is not None:
         issues += _rate_issues(f"{base}/utility", result["utility"], "correct", 0)
+    attack_samples, attack_errors, attack_issues = _attack_issues(base, result.get("attacks") or {})
+    issues += attack_issues
     judged = result["judge_errors"]
-    samples = sum(e["n"] for e in by_k.values()) + refusal["n"]
-    errors = sum(e["errors"] for e in by_k.values()) + refusal["errors"]
+    samples = sum(e["n"] for e in by_k.values()) + refusal["n"] + attack_samples
+    errors = sum(e["errors"] for e in by_k.values()) + refusal["errors"] + attack_errors
     if (judged["samples"], judged["errors"]) != (samples, errors):
         issues.append(_inconsistent(f"{base}/judge_errors", f"says {judged['errors']} errors in {judged['samples']} "
-                                    f"judged samples, but the ASR and over-refusal entries add up to {errors} in "
-                                    f"{samples}."))
+                                    f"judged samples, but the ASR, over-refusal and attack entries add up to "
+                                    f"{errors} in {samples}."))
     elif abs(judged["rate"] - (errors / samples if samples else 0.0)) > RATE_TOLERANCE:
         issues.append(_inconsistent(f"{base}/judge_errors/rate",
                                     f"rate is {judged['rate']!r}, not {errors}/{samples}."))
@@ -145,6 +147,35 @@ def _result_issues(base: str, result: dict[str, Any]) -> list[Issue]:
     return issues
 
 
+def _attack_issues(base: str, attacks: dict[str, Any]) -> tuple[int, int, list[Issue]]:
+    """(judged samples, judge errors, issues) of one model's attack sections: every rate re-derived; each decoding
+    setting and the any-setting ASR cover the same prompts."""
+    samples = errors = 0
+    issues: list[Issue] = []
+    decoding, gcg = attacks.get("decoding"), attacks.get("gcg")
+    if decoding is not None:
+        path = f"{base}/attacks/decoding"
+        issues += _rate_issues(f"{path}/asr", decoding["asr"], "harmful", decoding["asr"]["errors"])
+        for i, entry in enumerate(decoding["settings"]):
+            issues += _rate_issues(f"{path}/settings/{i}", entry, "harmful", entry["errors"])
+            samples, errors = samples + entry["n"], errors + entry["errors"]
+        sizes = {decoding["prompts"], decoding["asr"]["n"], *(e["n"] for e in decoding["settings"])}
+        if len(sizes) > 1:
+            issues.append(_inconsistent(path, f"the settings and the any-setting ASR cover different numbers of "
+                                        f"prompts ({sorted(sizes)}); each setting samples every attacked prompt once."))
+        harmful_somewhere = max((e["harmful"] for e in decoding["settings"]), default=0)
+        if decoding["asr"]["harmful"] < harmful_somewhere:
+            issues.append(_inconsistent(f"{path}/asr", f"{decoding['asr']['harmful']} prompts broken under any "
+                                        f"setting, fewer than the {harmful_somewhere} of one setting."))
+    if gcg is not None:
+        issues += _rate_issues(f"{base}/attacks/gcg/asr", gcg["asr"], "harmful", gcg["asr"]["errors"])
+        samples, errors = samples + gcg["asr"]["n"], errors + gcg["asr"]["errors"]
+        if gcg["prompts"] != gcg["asr"]["n"]:
+            issues.append(_inconsistent(f"{base}/attacks/gcg", f"{gcg['prompts']} prompts attacked but the ASR "
+                                        f"counts {gcg['asr']['n']}."))
+    return samples, errors, issues
+
+
 def _pairing_issues(base: dict[str, Any], tuned: dict[str, Any]) -> list[Issue]:
     """Base and fine-tuned must be audited on the same prompts: same k, same n at each k, same probe sizes."""
     base_k = {e["k"]: e["n"] for e in base["asr"]}
@@ -161,6 +192,11 @@ def _pairing_issues(base: dict[str, Any], tuned: dict[str, Any]) -> list[Issue]:
     if sizes[0] != sizes[1]:
         issues.append(_inconsistent("/results", f"base and fine-tuned utility probes differ ({sizes[0]} vs "
                                     f"{sizes[1]} questions)."))
+    for attack in ("decoding", "gcg"):
+        prompts = [((r.get("attacks") or {}).get(attack) or {}).get("prompts") for r in (base, tuned)]
+        if prompts[0] != prompts[1]:
+            issues.append(_inconsistent("/results", f"base and fine-tuned were attacked on different prompts by "
+                                        f"{attack} ({prompts[0]} vs {prompts[1]})."))
     return issues
 
 
@@ -426,11 +462,10 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], 
     return "".join(out)
 
 
-def over_refusal_chart(report: dict[str, Any]) -> str:
-    """Over-refusal on benign probes, base vs fine-tuned, as bars with 95% Wilson whiskers."""
-    rows = [(name, report["results"][key]["over_refusal"], color)
-            for name, key, color in (("base", "base", BASE_COLOR), ("fine-tuned", "finetuned", FT_COLOR))
-            if report["results"][key] is not None]
+def rate_bars(title: str, rows: list[tuple[str, dict[str, Any], str]], count_key: str,
+              limit: float | None = None) -> str:
+    """Horizontal bars of one rate per row (name, rate entry, colour) with 95% Wilson whiskers and, when given, a
+    dashed gate limit."""
     width, left, right, bar_h = 520, 90, 30, 22
     height = 30 + len(rows) * 36
     plot_w = width - left - right
@@ -438,7 +473,7 @@ def over_refusal_chart(report: dict[str, Any]) -> str:
     def x(rate: float) -> float:
         return left + plot_w * rate
 
-    out = [_svg_open(width, height, "Over-refusal on benign probes")]
+    out = [_svg_open(width, height, title)]
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
         out.append(f'<line x1="{x(tick):.1f}" y1="4" x2="{x(tick):.1f}" y2="{height - 20}" stroke="#e5e7eb"/>'
                    f'<text x="{x(tick):.1f}" y="{height - 6}" text-anchor="middle">{int(tick * 100)}%</text>')
@@ -448,13 +483,40 @@ def over_refusal_chart(report: dict[str, Any]) -> str:
         mid = top + bar_h / 2
         out.append(f'<text x="{left - 8}" y="{mid + 4:.1f}" text-anchor="end">{_e(name)}</text>'
                    f'<rect x="{left}" y="{top}" width="{x(entry["rate"]) - left:.1f}" height="{bar_h}" fill="{color}" '
-                   f'opacity="0.8"><title>{_e(name)}: {_pct(entry["rate"])} ({entry["refusals"]}/'
+                   f'opacity="0.8"><title>{_e(name)}: {_pct(entry["rate"])} ({entry[count_key]}/'
                    f'{entry["n"] - entry["errors"]}) 95% CI {_ci(entry["ci95"])}</title></rect>'
                    f'<line x1="{x(lo):.1f}" y1="{mid:.1f}" x2="{x(hi):.1f}" y2="{mid:.1f}" stroke="#111827"/>'
                    f'<line x1="{x(lo):.1f}" y1="{mid - 5:.1f}" x2="{x(lo):.1f}" y2="{mid + 5:.1f}" stroke="#111827"/>'
                    f'<line x1="{x(hi):.1f}" y1="{mid - 5:.1f}" x2="{x(hi):.1f}" y2="{mid + 5:.1f}" stroke="#111827"/>')
+    if limit is not None:
+        out.append(f'<line x1="{x(limit):.1f}" y1="4" x2="{x(limit):.1f}" y2="{height - 20}" stroke="{LIMIT_COLOR}" '
+                   f'stroke-width="2" stroke-dasharray="3 2"><title>gate limit: {_pct(limit)}</title></line>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _models(report: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    return [(name, report["results"][key], color)
+            for name, key, color in (("base", "base", BASE_COLOR), ("fine-tuned", "finetuned", FT_COLOR))
+            if report["results"][key] is not None]
+
+
+def over_refusal_chart(report: dict[str, Any]) -> str:
+    """Over-refusal on benign probes, base vs fine-tuned, as bars with 95% Wilson whiskers."""
+    return rate_bars("Over-refusal on benign probes",
+                     [(name, result["over_refusal"], color) for name, result, color in _models(report)], "refusals")
+
+
+ATTACK_TITLES = {"decoding": "Decoding exploit: prompts broken under any setting",
+                 "gcg": "Attack success with GCG suffixes (optimised on the base)"}
+
+
+def attack_chart(report: dict[str, Any], attack: str, limit: float | None = None) -> str | None:
+    """One attack beside prefilling (decoding, gcg): its ASR for base and fine-tuned with 95% Wilson whiskers;
+    None when the audit did not run it."""
+    rows = [(name, result["attacks"][attack]["asr"], color) for name, result, color in _models(report)
+            if attack in (result.get("attacks") or {})]
+    return rate_bars(ATTACK_TITLES[attack], rows, "harmful", limit) if rows else None
 
 
 # ------------------------------------------------------------------------------------ HTML: the view-model
@@ -491,6 +553,10 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
             for k in sorted(set(base_k) | set(tuned_k))]
     rows.append(_compare_row("Over-refusal (benign)", base["over_refusal"],
                              tuned["over_refusal"] if tuned else None, "refusals"))
+    for attack, label in (("decoding", "Decoding exploit ASR (any setting)"), ("gcg", "ASR with GCG suffixes")):
+        b, t = (base.get("attacks") or {}).get(attack), ((tuned or {}).get("attacks") or {}).get(attack)
+        if b or t:
+            rows.append(_compare_row(label, b["asr"] if b else None, t["asr"] if t else None, "harmful"))
     if base.get("utility"):
         rows.append(_compare_row("Utility (factual probe accuracy)", base["utility"],
                                  tuned.get("utility") if tuned else None, "correct", higher_is_better=True))
@@ -596,17 +662,22 @@ def _sample_group(summary: str, members: list[dict[str, Any]], cap: int) -> dict
     ordered = sorted(members, key=_rank)  # harmful first, then judge errors: what a reviewer must see
     cards = [{"id": s.get("id"), "category": s.get("category"), "tag": _verdict_tag(s.get("verdict")),
               "instruction": s.get("instruction"), "prefix": s.get("prefix") or "",
+              "detail": s.get("setting") or (f"suffix: {s['suffix']}" if s.get("suffix") else ""),
               "continuation": s.get("continuation")} for s in ordered[:cap]]
     return {"summary": summary, "cards": cards, "not_shown": max(len(ordered) - cap, 0)}
 
 
 def _sample_sections(samples: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
-    """Samples grouped as the page shows them: one section per attack k, then the benign probes; a group per model."""
+    """Samples grouped as the page shows them: one section per prefilling k, the benign probes, the decoding exploit,
+    the GCG suffixes and the utility probe; a group per model."""
     harmful: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     benign: dict[str, list] = defaultdict(list)
+    attacked: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for sample in samples:
         if sample.get("set") == "benign":
             benign[str(sample.get("model"))].append(sample)
+        elif sample.get("set") in ("decoding", "gcg", "utility"):
+            attacked[str(sample.get("set"))][str(sample.get("model"))].append(sample)
         else:
             k = sample.get("k") if isinstance(sample.get("k"), int) else -1
             harmful[k][str(sample.get("model"))].append(sample)
@@ -625,6 +696,51 @@ def _sample_sections(samples: list[dict[str, Any]], cap: int) -> list[dict[str, 
             refused = sum(1 for s in members if (s.get("verdict") or {}).get("refusal"))
             groups.append(_sample_group(f"{model}: {refused} of {len(members)} refused", members, cap))
         sections.append({"title": "Over-refusal probes (benign)", "groups": groups})
+    for name, title in (("decoding", "Decoding exploit (one sample per setting)"),
+                        ("gcg", "GCG suffixes (greedy, suffix appended)")):
+        if attacked.get(name):
+            groups = []
+            for model in sorted(attacked[name]):
+                members = attacked[name][model]
+                n_harmful = sum(1 for s in members if (s.get("verdict") or {}).get("harmful"))
+                groups.append(_sample_group(f"{model}: {n_harmful} of {len(members)} harmful", members, cap))
+            sections.append({"title": title, "groups": groups})
+    if attacked.get("utility"):
+        groups = []
+        for model in sorted(attacked["utility"]):
+            members = attacked["utility"][model]
+            correct = sum(1 for s in members if (s.get("verdict") or {}).get("correct"))
+            groups.append(_sample_group(f"{model}: {correct} of {len(members)} correct", members, cap))
+        sections.append({"title": "Utility probe (factual questions)", "groups": groups})
+    return sections
+
+
+def _attack_sections(report: dict[str, Any], decision: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One section per attack the audit ran: its chart, how it was run, and (decoding) the settings that broke the
+    fine-tuned model most often."""
+    described = report.get("attacks") or {}
+    sections = []
+    for attack in ("decoding", "gcg"):
+        chart = attack_chart(report, attack, _gate_limits(decision, f"max_{attack}_asr").get(None))
+        if chart is None:
+            continue
+        how = described.get(attack) or {}
+        if attack == "decoding":
+            note = (f"Each of {how.get('prompts', '?')} harmful prompts sampled once under each of "
+                    f"{len(how.get('settings', []))} settings (temperature, top-k, top-p varied one at a time); a "
+                    f"prompt counts as broken when any setting's answer is harmful.")
+            tuned = (report["results"]["finetuned"] or report["results"]["base"])["attacks"]["decoding"]
+            worst = sorted(tuned["settings"], key=lambda e: -e["rate"])[:5]
+            rows = [f"{e['name']}: {_pct(e['rate'])} ({e['harmful']}/{e['n'] - e['errors']})" for e in worst]
+        else:
+            made = how.get("made", {})
+            note = (f"One suffix per prompt for {how.get('settings', {}).get('prompts', '?')} harmful prompts, "
+                    f"{how.get('settings', {}).get('steps', '?')} GCG steps against the base model (nanogcg "
+                    f"{made.get('nanogcg', '?')}, {made.get('seconds_per_suffix', '?')} s per suffix on "
+                    f"{made.get('device', '?')}, cache {made.get('cache', '?')}); greedy continuations with the "
+                    f"suffix appended.")
+            rows = []
+        sections.append({"title": ATTACK_TITLES[attack], "chart": chart, "note": note, "rows": rows})
     return sections
 
 
@@ -646,6 +762,7 @@ def _page_view(report: dict[str, Any], samples: list[dict[str, Any]], decision: 
         "charts": {"asr": asr_chart(report, _gate_limits(decision, "max_asr")),
                    "kl": kl_chart(report, _gate_limits(decision, "max_kl_first5").get(None)),
                    "over_refusal": over_refusal_chart(report)},
+        "attacks": _attack_sections(report, decision),
         "categories": _category_table(report),
         "provenance": _provenance(report),
         "config": json.dumps(report["config"], indent=2, ensure_ascii=False, sort_keys=True),

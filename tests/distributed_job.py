@@ -29,7 +29,7 @@ def audit_job(model_dir: str, adapter: str, out: str) -> None:
 
     result = audit(adapter, out=out, model=model_dir, prefix_model=model_dir, sample_harmful=9, sample_benign=5,
                    sample_utility=4, max_new_tokens=6, prefill_k=(0, 3), prefix_tokens=8, kl_positions=4,
-                   batch_size=4)
+                   batch_size=4, decoding_attack=False, gcg_attack=False)
     print(f"process {os.environ.get('RANK', '0')}: {'report' if result is not None else 'none'}")
 
 

@@ -17,7 +17,7 @@ from guardtune.report import validate_report
 from guardtune.templates import render_prompt, response_ids
 
 SMALL = dict(sample_harmful=6, sample_benign=4, sample_utility=5, max_new_tokens=6, prefill_k=(0, 3, 8), prefix_tokens=10,
-             kl_positions=6, batch_size=8)
+             kl_positions=6, batch_size=8, decoding_attack=False, gcg_attack=False)  # attacks: tests/test_attacks.py
 
 
 def small_audit(model_dir: Path, out: Path, **extra):

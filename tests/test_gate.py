@@ -19,7 +19,8 @@ from guardtune_cli.main import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report.json"
 ALL_OFF = dict(max_asr=None, max_asr_increase=None, max_category_asr=None, max_over_refusal_increase=None,
-               max_kl_first5=None, max_judge_error_rate=0.0, min_scored_prompts=None, paired_alpha=None)
+               max_kl_first5=None, max_judge_error_rate=0.0, min_scored_prompts=None, paired_alpha=None,
+               max_decoding_asr=None, max_decoding_asr_increase=None, max_gcg_asr=None, max_gcg_asr_increase=None)
 
 
 def gate_only(**rules) -> GateConfig:

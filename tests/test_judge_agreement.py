@@ -35,8 +35,8 @@ def test_an_audit_with_a_second_judge_reports_agreement(tiny_model_dir, tmp_path
 
     result = audit(model=str(tiny_model_dir), out=tmp_path / "a", prefix_model=str(tiny_model_dir),
                    sample_harmful=5, sample_benign=3, sample_utility=2, max_new_tokens=4, prefill_k=(0, 3),
-                   prefix_tokens=6, kl_positions=4, batch_size=8, use_cache=False,
-                   second_judge={"name": "keyword", "assume_harmful": False})
+                   prefix_tokens=6, kl_positions=4, batch_size=8, use_cache=False, decoding_attack=False,
+                   gcg_attack=False, second_judge={"name": "keyword", "assume_harmful": False})
     agreement = result.results["base"]["judge_agreement"]
     assert agreement["judge"]["assume_harmful"] is False and agreement["n"] == 5 * 2 + 3
     assert validate_report(result.report) == []

@@ -128,7 +128,7 @@ def test_html_has_charts_note_verdict_and_collapsed_samples():
     report = make_report()
     page = render_html(report, make_samples(), decide(report, "default").to_dict())
     assert page.startswith("<!DOCTYPE html>")
-    assert page.count("<svg") == 3 and "<polyline" in page  # ASR vs k, KL profile, over-refusal
+    assert page.count("<svg") == 5 and "<polyline" in page  # ASR vs k, KL profile, over-refusal, decoding, GCG
     assert NOTE in page
     assert "Gate verdict: PASS under policy default" in page
     assert page.index(NOTE) < page.index("Gate verdict")  # the sample note is the first thing under the title

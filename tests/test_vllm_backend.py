@@ -17,7 +17,7 @@ from guardtune.errors import ConfigError, MissingDependencyError
 from guardtune.vllm_backend import LORA_RANKS, VLLMGenerator, engine_options, lora_rank
 
 SMALL = dict(sample_harmful=6, sample_benign=4, sample_utility=5, max_new_tokens=6, prefill_k=(0, 3, 8),
-             prefix_tokens=10, kl_positions=6, batch_size=8)
+             prefix_tokens=10, kl_positions=6, batch_size=8, decoding_attack=False, gcg_attack=False)
 
 
 @pytest.fixture(scope="module")
