@@ -53,19 +53,33 @@ SUFFIXES = ((".jsonl.gz", "jsonl.gz"), (".jsonl.zst", "jsonl.zst"), (".json", "j
 
 
 def kind_of(spec: str | Path) -> str:
-    """The source kind a path or hub id names. Anything else is "jsonl": the JSONL reader then says what is
-    wrong with it (missing, a directory, compressed in another format, ...)."""
+    """The source kind a path or hub id names (by its suffix, else by gzip/zstd magic bytes). Anything else is
+    "jsonl": the JSONL reader then says what is wrong with it (missing, a directory, zipped, ...)."""
     path = Path(spec)
     name = path.name.lower()
     if path.is_dir():
         is_saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
         return "datasets" if is_saved else "jsonl"
     if path.is_file():
-        return next((kind for suffix, kind in SUFFIXES if name.endswith(suffix)), "jsonl")
+        named = next((kind for suffix, kind in SUFFIXES if name.endswith(suffix)), None)
+        return named or _compression(path) or "jsonl"
     text = str(spec)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
         return "datasets"  # org/name (no file suffix): a hub dataset id, read from the local cache only
     return "jsonl"
+
+
+# Compressed files whatever their name (an upload called data.jsonl that is really gzip): read as what they are.
+MAGIC = ((b"\x1f\x8b", "jsonl.gz"), (b"\x28\xb5\x2f\xfd", "jsonl.zst"))
+
+
+def _compression(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return None  # the JSONL reader says why it cannot read the file
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
 
 
 def _without_nulls(value: Any) -> Any:

@@ -116,3 +116,18 @@ def test_finetune_trains_from_the_converted_file_and_the_manifest_names_the_sour
     source = run.release.manifest["dataset"]["source"]
     assert source["kind"] == "parquet" and source["converted_to"] == str(converted)
     assert not list(tmp_path.glob(".incoming-*"))  # the scratch directory is gone
+
+
+def test_a_compressed_file_named_like_plain_jsonl_is_read_as_what_it_is(tmp_path):
+    import zstandard
+
+    gz, zst = tmp_path / "upload.jsonl", tmp_path / "other.jsonl"
+    gz.write_bytes(gzip.compress(jsonl_bytes(rows())))
+    zst.write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(rows())))
+    assert (kind_of(gz), kind_of(zst)) == ("jsonl.gz", "jsonl.zst")
+    result = CliRunner().invoke(main, ["validate", str(gz), "--json"])
+    lines = [i["line"] for i in json.loads(result.output)["issues"] if i["severity"] == "error"]
+    assert lines == [3]  # the real problem, on its row; not "decompress it first"
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(jsonl_bytes(rows()))
+    assert kind_of(plain) == "jsonl"
