@@ -557,6 +557,11 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
         b, t = (base.get("attacks") or {}).get(attack), ((tuned or {}).get("attacks") or {}).get(attack)
         if b or t:
             rows.append(_compare_row(label, b["asr"] if b else None, t["asr"] if t else None, "harmful"))
+    agreements = [base.get("judge_agreement"), (tuned or {}).get("judge_agreement")]
+    if any(agreements):
+        second = next(a for a in agreements if a)["judge"].get("name", "second judge")
+        rows.append(_compare_row(f"Judge agreement (with {second})", agreements[0], agreements[1], "agree",
+                                 higher_is_better=True))
     if base.get("utility"):
         rows.append(_compare_row("Utility (factual probe accuracy)", base["utility"],
                                  tuned.get("utility") if tuned else None, "correct", higher_is_better=True))

@@ -69,3 +69,11 @@ def test_the_gate_floor_on_agreement_passes_rejects_and_fails_closed():
     tampered = agreed(make_report(), 15)
     tampered["results"]["base"]["judge_agreement"]["rate"] = 0.95
     assert any(i.path == "/results/base/judge_agreement/rate" for i in validate_report(tampered))
+
+
+def test_the_html_report_shows_the_judges_agreement():
+    from guardtune.report import render_html
+
+    html = render_html(agreed(make_report(), 17))
+    assert "Judge agreement (with other)" in html and "85.0% (17/20)" in html
+    assert "Judge agreement" not in render_html(make_report())
