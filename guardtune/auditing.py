@@ -326,11 +326,6 @@ def _plan_attacks(cfg: AuditConfig, targets: list[_Target], prompt_ids: Callable
     if cfg.decoding_attack:
         settings = attacks.decoding_grid(cfg.decoding_temperatures, cfg.decoding_top_k, cfg.decoding_top_p)
         decoding = targets[:cfg.decoding_prompts] if cfg.decoding_prompts else targets
-        if len(settings) * len(decoding) > cfg.decoding_max_generations:
-            raise ConfigError(f"audit.attacks.decoding: {len(settings)} settings x {len(decoding)} prompts = "
-                              f"{len(settings) * len(decoding)} generations per model, above max_generations "
-                              f"({cfg.decoding_max_generations}); set attacks.decoding.prompts, shrink the grid or "
-                              f"raise max_generations.")
         described["decoding"] = {"settings": [s.to_dict() for s in settings], "prompts": len(decoding),
                                  "generations_per_model": len(settings) * len(decoding),
                                  "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
@@ -433,6 +428,14 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     second = get_judge(**cfg.second_judge) if cfg.second_judge else None
     if cfg.gcg_attack:
         attacks.nanogcg_version()  # not installed: refused now, before anything loads
+    if cfg.decoding_attack:  # the budget, now that the number of audited prompts is known
+        settings = len(attacks.decoding_grid(cfg.decoding_temperatures, cfg.decoding_top_k, cfg.decoding_top_p))
+        prompts = min(cfg.decoding_prompts or len(harmful), len(harmful))
+        if settings * prompts > cfg.decoding_max_generations:
+            raise ConfigError(f"audit.attacks.decoding: {settings} settings x {prompts} prompts = "
+                              f"{settings * prompts} generations per model, above max_generations "
+                              f"({cfg.decoding_max_generations}); set attacks.decoding.prompts, shrink the grid or "
+                              f"raise max_generations.")
 
     loaded = load_model(mcfg.name, quantization=quantization, dtype=mcfg.dtype, revision=mcfg.revision,
                         trust_remote_code=mcfg.trust_remote_code)

@@ -468,7 +468,7 @@ class AuditConfig:
     decoding_prompts: int | None = setting("Harmful prompts attacked: the first N of the audited ones (None = all).",
                                            default=None, key="attacks.decoding.prompts")
     decoding_max_generations: int = setting(
-        "Budget: settings x prompts per model; a larger grid is refused before anything loads.", default=20000,
+        "Budget: settings x prompts per model; a larger audit is refused before the model loads.", default=20000,
         key="attacks.decoding.max_generations")
     gcg_attack: bool = setting(
         "GCG suffixes (Zou et al. 2023) through nanogcg (pip install --no-deps nanogcg==0.3.0 scipy): one suffix per "
@@ -498,18 +498,9 @@ class AuditConfig:
         check_judge_config(self.judge, "audit.judge")
         if self.second_judge is not None:
             check_judge_config(self.second_judge, "audit.second_judge")
-        if self.decoding_attack:
-            settings = len({(t, 0, 1.0) for t in self.decoding_temperatures}  # attacks.decoding_grid: each once
-                           | {(1.0, k, 1.0) for k in self.decoding_top_k} | {(1.0, 0, p) for p in self.decoding_top_p})
-            prompts = self.decoding_prompts or self.sample_harmful
-            if settings == 0:
-                raise ConfigError("audit.attacks.decoding is enabled with an empty grid; list temperatures, top_k or "
-                                  "top_p values.")
-            if prompts is not None and settings * prompts > self.decoding_max_generations:
-                raise ConfigError(f"audit.attacks.decoding: {settings} settings x {prompts} prompts = "
-                                  f"{settings * prompts} generations per model, above max_generations "
-                                  f"({self.decoding_max_generations}); shrink the grid or attacks.decoding.prompts, "
-                                  f"or raise max_generations.")
+        if self.decoding_attack and not (self.decoding_temperatures or self.decoding_top_k or self.decoding_top_p):
+            raise ConfigError("audit.attacks.decoding is enabled with an empty grid; list temperatures, top_k or "
+                              "top_p values.")
 
 
 @dataclass

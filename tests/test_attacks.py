@@ -47,11 +47,15 @@ def test_a_prompt_is_broken_when_any_setting_breaks_it_and_an_unscored_answer_fa
         ("temperature=0.5", 1, 1), ("top_k=5", 1, 0), ("top_p=0.9", 1, 2)]
 
 
-def test_the_decoding_budget_is_checked_before_anything_loads():
-    with pytest.raises(ConfigError, match=r"48 settings x 500 prompts = 24000 generations per model, above "
-                                          r"max_generations \(20000\)"):
-        AuditConfig(sample_harmful=500)
-    AuditConfig(sample_harmful=500, decoding_prompts=100)  # a subset fits
+def test_the_decoding_budget_is_checked_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("guardtune.auditing.load_model", no_load)
+    with pytest.raises(ConfigError, match=r"48 settings x 30 prompts = 1440 generations per model, above "
+                                          r"max_generations \(1000\)"):
+        audit(model=str(tiny_model_dir), out=tmp_path / "a", sample_harmful=30, decoding_max_generations=1000,
+              gcg_attack=False)
     with pytest.raises(ConfigError, match="empty grid"):
         AuditConfig(decoding_temperatures=(), decoding_top_k=(), decoding_top_p=())
 
