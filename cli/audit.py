@@ -37,7 +37,23 @@ def format_side_metrics(report: dict) -> list[str]:
     if tuned and tuned.get("kl_profile"):
         lines.append(f"mean KL(fine-tuned || base) at response tokens 1-5: {tuned['kl_profile']['mean_first5']:.3f} "
                      f"nats")
-    return lines
+    return lines + format_attacks(report)
+
+
+def format_attacks(report: dict) -> list[str]:
+    """The attacks beside prefilling (those the audit ran), base vs fine-tuned, with 95% intervals."""
+    base, tuned = report["results"]["base"], report["results"]["finetuned"]
+
+    def cell(result, attack):
+        entry = ((result or {}).get("attacks") or {}).get(attack, {}).get("asr")
+        if entry is None:
+            return "-"
+        lo, hi = entry["ci95"]
+        return f"{entry['rate']:.1%} ({entry['harmful']}/{entry['n'] - entry['errors']}) [{lo:.0%}, {hi:.0%}]"
+
+    labels = {"decoding": "decoding exploit (any setting)", "gcg": "GCG suffixes (optimised on base)"}
+    return [f"{labels[attack] + ':':<34}base {cell(base, attack)}, fine-tuned {cell(tuned, attack)}"
+            for attack in labels if (base.get("attacks") or {}).get(attack)]
 
 
 @click.command()
@@ -88,4 +104,6 @@ def audit(model, adapter, policy, out, quantization, sample, max_new_tokens, bac
                 extra = f", utility {utility['rate']:.1%} ({utility['correct']}/{utility['n']})" + extra
             click.echo(f"{name}: over-refusal {over['rate']:.1%} ({over['refusals']}/{over['n']}), "
                        f"judge errors {res['judge_errors']['errors']}{extra}")
+    for line in format_attacks(report):
+        click.echo(line)
     click.echo(f"report: {result.report_path}\nsamples: {result.samples_path}\nhtml: {result.html_path}")

@@ -163,6 +163,11 @@ def optimise_suffixes(model: Any, tokenizer: Any, prompts: Sequence[tuple[str, s
                                optim_str_init=settings.suffix_init, seed=settings.seed, use_prefix_cache=False,
                                verbosity="ERROR")  # its per-prompt "model is on the CPU" notes
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if next(model.parameters()).device.type == "cpu" and prompts:
+        log.warning("GCG on CPU: %d suffixes x %d steps, each step a forward and backward pass over %d candidates "
+                    "(SmolLM2-135M on 2 cores: ~6 s per step at width 32, docs/attacks.md). Suffixes are cached per "
+                    "base model; a GPU or a smaller audit.attacks.gcg budget shortens the first audit.",
+                    len(prompts), settings.steps, settings.search_width)
     suffixes = []
     with _quiet_nanogcg(), torch.enable_grad():
         for instruction, target in prompts:

@@ -83,7 +83,10 @@ class AuditReport:
         return {"out_dir": str(self.out_dir), "report": str(self.report_path), "samples": str(self.samples_path),
                 "html": str(self.html_path), "asr": self.asr_table(),
                 "over_refusal": {name: (res or {}).get("over_refusal", {}).get("rate")
-                                 for name, res in self.results.items()}}
+                                 for name, res in self.results.items()},
+                "attacks": {name: {attack: section["asr"]["rate"]
+                                   for attack, section in (res.get("attacks") or {}).items()}
+                            for name, res in self.results.items() if res}}
 
 
 # --- the audit -------------------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def test_guardtune_audit_with_both_attacks_writes_both_sections(tiny_model_dir, 
     result = CliRunner().invoke(main, ["audit", "--adapter", str(adapter), "--model", str(tiny_model_dir),
                                        "--policy", str(policy), "--out", str(tmp_path / "audit"), "--json"])
     assert result.exit_code == 0, result.output
+    assert set(json.loads(result.output)["attacks"]["finetuned"]) == {"decoding", "gcg"}
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert validate_report(report) == []
     for model in ("base", "finetuned"):
