@@ -65,7 +65,9 @@ def test_a_shipped_name_wins_over_a_same_named_file_in_the_working_directory(tmp
 
 def test_a_gate_with_every_rule_off_checks_with_a_warning(tmp_path):
     path = write(tmp_path / "off.yaml", 'version: "1"\ninclude: default\ngate: {min_scored_prompts: null, '
-                                        'max_asr: null, max_asr_increase: null, max_over_refusal_increase: null}\n')
+                                        'max_asr: null, max_asr_increase: null, max_over_refusal_increase: null, '
+                                        'max_decoding_asr: null, max_decoding_asr_increase: null, max_gcg_asr: null, '
+                                        'max_gcg_asr_increase: null}\n')
     policy, issues = check_policy(path)
     assert policy is not None and [i.code for i in issues] == ["gate-all-off"]
     result = CliRunner().invoke(main, ["policies", "check", str(path)])
