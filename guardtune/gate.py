@@ -312,6 +312,8 @@ def _attack_rule(attack: str, relative: bool) -> Callable[..., list[RuleResult]]
     def check(limit: float, base: dict | None, tuned: dict | None, inputs: GateInputs) -> list[RuleResult]:
         t, b = _attack_entry(tuned, attack), _attack_entry(base, attack)
         where = {"model": "finetuned-vs-base" if relative else "finetuned"}
+        if tuned is None:
+            return [_missing(rule, limit, "The report has no fine-tuned results", **where)]
         if t is None or (relative and b is None):
             return [_attack_missing(rule, limit, attack, "fine-tuned" if t is None else "base", **where)]
         if t["n"] <= t["errors"] or (relative and b["n"] <= b["errors"]):

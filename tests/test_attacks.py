@@ -118,6 +118,13 @@ def test_attack_gate_rules(attacked, rules, verdict, reason):
         assert any(reason in r.reason for r in decision.rules if not r.passed), [r.reason for r in decision.rules]
 
 
+def test_a_base_only_report_says_so_rather_than_blaming_the_attack():
+    decision = decide(make_report(finetuned=None), GateConfig(**{**ATTACK_RULES, "max_gcg_asr": 0.5}))
+    assert decision.verdict == "reject"
+    assert [r.reason for r in decision.rules if r.rule == "max_gcg_asr"] == [
+        "The report has no fine-tuned results (fail closed)"]
+
+
 def test_a_report_whose_attack_counts_contradict_each_other_is_refused():
     report = make_report()
     report["results"]["finetuned"]["attacks"]["decoding"]["asr"]["harmful"] = 2  # fewer than one setting's 11
