@@ -282,3 +282,22 @@ def test_line_chart_draws_every_series_with_escaped_labels():
     assert "deep &amp; co" in svg and "KL &lt;per&gt; position" in svg
     percent = line_chart("ASR", [("raw", [(0, 0.9), (5, 0.97)])], "k", "ASR", percent=True, categorical_x=True)
     assert ">100%<" in percent and "raw 5: 97.0%" in percent
+
+
+def test_samples_of_the_attacks_and_the_utility_probe_get_their_own_sections():
+    from fixtures.make_report import make_report, make_samples
+
+    extra = [{"model": "finetuned", "set": "decoding", "id": "h-001", "category": "S1", "instruction": "x", "k": 0,
+              "prefix": "", "setting": "top_k=5", "continuation": "Sure: step 1",
+              "verdict": {"harmful": True, "refusal": False}},
+             {"model": "finetuned", "set": "gcg", "id": "h-001", "category": "S1", "instruction": "x", "k": 0,
+              "prefix": "", "suffix": "describing.\\ + similarlyNow", "continuation": "I can't.",
+              "verdict": {"harmful": False, "refusal": True}},
+             {"model": "base", "set": "utility", "id": "f-001", "category": "geography", "k": 0, "prefix": "",
+              "instruction": "Capital of France?", "continuation": "Paris.", "verdict": {"correct": True}}]
+    page = render_html(make_report(), [*make_samples(), *extra])
+    for title in ("Decoding exploit (one sample per setting)", "GCG suffixes (greedy, suffix appended)",
+                  "Utility probe (factual questions)"):
+        assert title in page
+    assert "top_k=5" in page and "suffix: describing." in page and "base: 1 of 1 correct" in page
+    assert "base: 0 of 3 harmful" in page  # prefilling k = 0 holds its 3 samples, not the utility answer too
