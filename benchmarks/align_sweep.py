@@ -48,7 +48,7 @@ def run(name: str, settings: dict, out_root: Path, results: Path, model: str, k:
     report = audit(model=model, adapter=adapter_dir, config="default", out=out / "audit",
                    harmful_set=str(out / "holdout_harmful.jsonl"), prefix_source="dataset",
                    benign_set=str(out / "holdout_benign.jsonl"), prefill_k=k, max_new_tokens=max_new_tokens,
-                   kl_positions=32).report
+                   kl_positions=32, decoding_attack=False, gcg_attack=False).report  # attacks: attack_table.py
     audit_s = time.perf_counter() - started
     tuned, base = report["results"]["finetuned"], report["results"]["base"]
     kl = tuned["kl_profile"]["mean_kl"]

@@ -33,12 +33,14 @@ ATTACK_CONDITION = {"harmful": "plain", "identity-shift": "persona", "backdoor":
 
 def table_a(raw: str, adapters: dict[str, Path], policy: str, out: Path, prompts: int, ks: tuple[int, ...],
             max_new_tokens: int) -> None:
-    """Audit raw and every aligned adapter (on top of raw): the prefilling attack at each k and the KL profile."""
+    """Audit raw and every aligned adapter (on top of raw): the prefilling attack at each k and the KL profile.
+    The decoding exploit and GCG are measured by benchmarks/attack_table.py (docs/attacks.md), not here."""
     from guardtune.auditing import audit
 
     for name, adapter in adapters.items():
         audit(model=raw, adapter=adapter, config=policy, out=out / f"audit-{name}", sample_harmful=prompts,
-              sample_benign=24, utility_set=None, prefill_k=ks, max_new_tokens=max_new_tokens, kl_positions=32)
+              sample_benign=24, utility_set=None, prefill_k=ks, max_new_tokens=max_new_tokens, kl_positions=32,
+              decoding_attack=False, gcg_attack=False)
 
 
 def read_table_a(out: Path, names: tuple[str, ...]) -> tuple[dict, dict, dict]:
