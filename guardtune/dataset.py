@@ -158,11 +158,12 @@ def validate_dataset(path: str | Path, config: DatasetConfig | RunConfig | Polic
     if kind_of(path) != "jsonl":  # .jsonl.gz/.zst, .json, .parquet, a datasets directory or hub id
         with tempfile.TemporaryDirectory(prefix="guardtune-input-") as scratch:
             converted = materialize(path, scratch, split=split)
-            report = validate_dataset(converted.path, config, model, progress=progress,
-                                      max_issues_per_code=max_issues_per_code, screen=screen,
-                                      model_judge=model_judge, on_progress=on_progress)
-            report.path, report.source = str(path), {**converted.to_dict(), "converted_to": None}
-            return report
+            if converted.converted:  # else: it only looked compressed; read below, line by line, as it is
+                report = validate_dataset(converted.path, config, model, progress=progress,
+                                          max_issues_per_code=max_issues_per_code, screen=screen,
+                                          model_judge=model_judge, on_progress=on_progress)
+                report.path, report.source = str(path), {**converted.to_dict(), "converted_to": None}
+                return report
     policy, config, model_spec = resolve_stage("dataset", config, None, {})
     # Built before reading anything: a screen judge that cannot run fails the validation up front (fail closed).
     judge = screen_judge(config) if screen and config.screen_enabled else None

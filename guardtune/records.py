@@ -171,8 +171,8 @@ class RecordChecker:
                          "without BOM to silence this.", line=1, severity="warning")
             raw, offset = raw[len(_BOM):], offset + len(_BOM)
         if line == 1 and raw.startswith(_COMPRESSED_MAGIC):
-            self.binary_hint = (" The file looks compressed (gzip/zip): unzip a zip archive; a gzip or zstd file is "
-                                "read as it is when given to guardtune validate/train/finetune.")
+            self.binary_hint = (" The file looks compressed (gzip/zip) but could not be read as such: unzip a zip "
+                                "archive; re-compress a truncated or corrupt gzip file, or decompress it first.")
         elif line == 1 and (raw.startswith(_WIDE_BOMS) or _looks_wide(raw)):
             self.binary_hint = (" The file looks UTF-16 or UTF-32 encoded (a byte-order mark or a NUL byte beside "
                                 "every character): re-save it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8`).")

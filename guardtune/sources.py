@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,23 @@ def _zstd_reader(path: Path) -> BinaryIO:
     return zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
 
 
+def _decompress(path: Path, kind: str, target: Path) -> None:
+    if kind == "jsonl.gz":
+        try:
+            with gzip.open(path, "rb") as stream:
+                _copy_stream(stream, target)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{path} is not a readable gzip file ({exc}).") from exc
+        return
+    try:
+        with _zstd_reader(path) as stream:
+            _copy_stream(stream, target)
+    except MissingDependencyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError and friends
+        raise DatasetError(f"{path} is not a readable zstandard file ({exc}).") from exc
+
+
 def _json_rows(path: Path) -> list[Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -179,20 +197,15 @@ def materialize(spec: str | Path, out_dir: str | Path, *, split: str = "train") 
         return Source(spec=str(spec), kind=kind, path=path, sha256=None)
     target = Path(out_dir) / CONVERTED_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "jsonl.gz":
+    if kind in ("jsonl.gz", "jsonl.zst"):
         try:
-            with gzip.open(path, "rb") as stream:
-                _copy_stream(stream, target)
-        except (OSError, EOFError) as exc:
-            raise DatasetError(f"{path} is not a readable gzip file ({exc}).") from exc
-    elif kind == "jsonl.zst":
-        try:
-            with _zstd_reader(path) as stream:
-                _copy_stream(stream, target)
-        except MissingDependencyError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError and friends
-            raise DatasetError(f"{path} is not a readable zstandard file ({exc}).") from exc
+            _decompress(path, kind, target)
+        except DatasetError:
+            if path.name.lower().endswith("." + kind):
+                raise
+            # Only its first bytes looked compressed: the JSONL reader reports the file line by line instead.
+            target.unlink(missing_ok=True)
+            return Source(spec=str(spec), kind="jsonl", path=path, sha256=None)
     elif kind == "json":
         _write_rows(_json_rows(path), target)
     elif kind == "parquet":

@@ -167,7 +167,7 @@ def test_guardtune_audit_with_both_attacks_writes_both_sections(tiny_model_dir, 
     result = CliRunner().invoke(main, ["audit", "--adapter", str(adapter), "--model", str(tiny_model_dir),
                                        "--policy", str(policy), "--out", str(tmp_path / "audit"), "--json"])
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.output)["attacks"]["finetuned"]) == {"decoding", "gcg"}
+    assert set(json.loads(result.stdout)["attacks"]["finetuned"]) == {"decoding", "gcg"}  # the CPU notice: stderr
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert validate_report(report) == []
     for model in ("base", "finetuned"):
@@ -185,7 +185,7 @@ def test_guardtune_audit_with_both_attacks_writes_both_sections(tiny_model_dir, 
     assert all(s["suffix"] in [x["suffix"] for x in suffixes] for s in samples if s["set"] == "gcg")
     gate = CliRunner().invoke(main, ["gate", str(tmp_path / "audit"), "--policy", str(policy), "--json"])
     assert gate.exit_code == 0, gate.output
-    rules = {r["rule"] for r in json.loads(gate.output)["rules"]}
+    rules = {r["rule"] for r in json.loads(gate.stdout)["rules"]}
     assert {"max_decoding_asr", "max_gcg_asr_increase"} <= rules
 
     # A second audit of another fine-tune of the same base reuses the suffixes (the cache is keyed by the base).

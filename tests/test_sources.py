@@ -131,3 +131,14 @@ def test_a_compressed_file_named_like_plain_jsonl_is_read_as_what_it_is(tmp_path
     plain = tmp_path / "plain.jsonl"
     plain.write_bytes(jsonl_bytes(rows()))
     assert kind_of(plain) == "jsonl"
+
+
+def test_a_corrupt_gzip_is_a_dataset_error_and_a_sniffed_one_is_reported_by_line(tmp_path):
+    named = tmp_path / "cut.jsonl.gz"
+    named.write_bytes(gzip.compress(jsonl_bytes(rows()))[:40])  # truncated: zlib/EOF errors, not a crash
+    with pytest.raises(DatasetError, match="not a readable gzip file"):
+        materialize(named, tmp_path / "o")
+    sniffed = tmp_path / "cut.jsonl"
+    sniffed.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + bytes(range(256)))
+    source = materialize(sniffed, tmp_path / "p")
+    assert source.kind == "jsonl" and source.path == sniffed and not (tmp_path / "p" / "input.jsonl").exists()
