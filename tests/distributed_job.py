@@ -2,6 +2,7 @@
 
     python distributed_job.py train MODEL_DIR DATA OUT BATCH_SIZE
     python distributed_job.py audit MODEL_DIR ADAPTER OUT
+    python distributed_job.py attacks MODEL_DIR ADAPTER OUT
 """
 
 from __future__ import annotations
@@ -33,11 +34,24 @@ def audit_job(model_dir: str, adapter: str, out: str) -> None:
     print(f"process {os.environ.get('RANK', '0')}: {'report' if result is not None else 'none'}")
 
 
+def attacks_job(model_dir: str, adapter: str, out: str) -> None:
+    """An audit with both attacks beside prefilling at a tiny budget (decoding grid and GCG prompts sharded)."""
+    from guardtune.auditing import audit
+
+    result = audit(adapter, out=out, model=model_dir, prefix_model=model_dir, sample_harmful=4, sample_benign=2,
+                   utility_set=None, max_new_tokens=4, prefill_k=(0,), prefix_tokens=6, kl_positions=4, batch_size=4,
+                   decoding_temperatures=(0.5,), decoding_top_k=(5,), decoding_top_p=(0.9,), decoding_prompts=3,
+                   gcg_prompts=2, gcg_steps=2, gcg_search_width=8, gcg_topk=8, gcg_suffix_init="x x x x")
+    print(f"process {os.environ.get('RANK', '0')}: {'report' if result is not None else 'none'}")
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "train":
         train_job(args[0], args[1], args[2], int(args[3]))
     elif command == "audit":
         audit_job(*args)
+    elif command == "attacks":
+        attacks_job(*args)
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -87,6 +87,26 @@ def test_two_processes_audit_with_the_continuations_of_one(tmp_path, learnable_m
     assert two["provenance"]["generation"] == {"backend": "hf", "processes": 2}
 
 
+def test_two_processes_run_the_attacks_beside_prefilling(tmp_path, learnable_model_dir):
+    """GCG prompts are split over the processes (the same suffixes as one process: each is seeded on its own) and
+    so are the decoding grid's samples (seeded per batch: the same shape, not the same samples)."""
+    from tiny_models import save_moved_adapter
+
+    adapter = save_moved_adapter(learnable_model_dir, tmp_path / "adapter")
+    args = [str(JOB), "attacks", str(learnable_model_dir), str(adapter)]
+    launch([*args, str(tmp_path / "one")], 1, tmp_path / "c1")
+    done = launch([*args, str(tmp_path / "two")], 2, tmp_path / "c2")
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("process")) == \
+        ["process 0: report", "process 1: none"]
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert [s["suffix"] for s in two["attacks"]["gcg"]["suffixes"]] == \
+        [s["suffix"] for s in one["attacks"]["gcg"]["suffixes"]]
+    for model in ("base", "finetuned"):
+        assert two["results"][model]["attacks"]["gcg"]["asr"] == one["results"][model]["attacks"]["gcg"]["asr"]
+        decoding = two["results"][model]["attacks"]["decoding"]
+        assert decoding["prompts"] == 3 and [s["n"] for s in decoding["settings"]] == [3, 3, 3]
+
+
 def test_finetune_under_two_processes_leaves_one_release(tmp_path, tiny_model_dir):
     from test_pipeline import EXAMPLE, PASSING_GATE, tiny_policy
 
