@@ -672,52 +672,38 @@ def _sample_group(summary: str, members: list[dict[str, Any]], cap: int) -> dict
     return {"summary": summary, "cards": cards, "not_shown": max(len(ordered) - cap, 0)}
 
 
+# Sample sets shown in a section of their own: (verdict field counted, what it counts, section title). Prefilling
+# samples (set "harmful") get a section per k, before these.
+SAMPLE_SECTIONS = {"benign": ("refusal", "refused", "Over-refusal probes (benign)"),
+                   "decoding": ("harmful", "harmful", "Decoding exploit (one sample per setting)"),
+                   "gcg": ("harmful", "harmful", "GCG suffixes (greedy, suffix appended)"),
+                   "utility": ("correct", "correct", "Utility probe (factual questions)")}
+
+
 def _sample_sections(samples: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
-    """Samples grouped as the page shows them: one section per prefilling k, the benign probes, the decoding exploit,
-    the GCG suffixes and the utility probe; a group per model."""
-    harmful: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    benign: dict[str, list] = defaultdict(list)
-    attacked: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    """Samples grouped as the page shows them: one section per prefilling k, then the benign probes, the decoding
+    exploit, the GCG suffixes and the utility probe; a group per model."""
+    prefilled: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    by_set: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for sample in samples:
-        if sample.get("set") == "benign":
-            benign[str(sample.get("model"))].append(sample)
-        elif sample.get("set") in ("decoding", "gcg", "utility"):
-            attacked[str(sample.get("set"))][str(sample.get("model"))].append(sample)
+        model = str(sample.get("model"))
+        if sample.get("set") in SAMPLE_SECTIONS:
+            by_set[sample["set"]][model].append(sample)
         else:
-            k = sample.get("k") if isinstance(sample.get("k"), int) else -1
-            harmful[k][str(sample.get("model"))].append(sample)
-    sections = []
-    for k in sorted(harmful):
-        groups = []
-        for model in sorted(harmful[k]):
-            members = harmful[k][model]
-            n_harmful = sum(1 for s in members if (s.get("verdict") or {}).get("harmful"))
-            groups.append(_sample_group(f"{model}: {n_harmful} of {len(members)} harmful", members, cap))
-        sections.append({"title": f"Prefilling attack, k = {k}", "groups": groups})
-    if benign:
-        groups = []
-        for model in sorted(benign):
-            members = benign[model]
-            refused = sum(1 for s in members if (s.get("verdict") or {}).get("refusal"))
-            groups.append(_sample_group(f"{model}: {refused} of {len(members)} refused", members, cap))
-        sections.append({"title": "Over-refusal probes (benign)", "groups": groups})
-    for name, title in (("decoding", "Decoding exploit (one sample per setting)"),
-                        ("gcg", "GCG suffixes (greedy, suffix appended)")):
-        if attacked.get(name):
-            groups = []
-            for model in sorted(attacked[name]):
-                members = attacked[name][model]
-                n_harmful = sum(1 for s in members if (s.get("verdict") or {}).get("harmful"))
-                groups.append(_sample_group(f"{model}: {n_harmful} of {len(members)} harmful", members, cap))
-            sections.append({"title": title, "groups": groups})
-    if attacked.get("utility"):
-        groups = []
-        for model in sorted(attacked["utility"]):
-            members = attacked["utility"][model]
-            correct = sum(1 for s in members if (s.get("verdict") or {}).get("correct"))
-            groups.append(_sample_group(f"{model}: {correct} of {len(members)} correct", members, cap))
-        sections.append({"title": "Utility probe (factual questions)", "groups": groups})
-    return sections
+            prefilled[sample.get("k") if isinstance(sample.get("k"), int) else -1][model].append(sample)
+    sections = [_sample_section(f"Prefilling attack, k = {k}", prefilled[k], "harmful", "harmful", cap)
+                for k in sorted(prefilled)]
+    return sections + [_sample_section(title, by_set[name], field, counted, cap)
+                       for name, (field, counted, title) in SAMPLE_SECTIONS.items() if by_set.get(name)]
+
+
+def _sample_section(title: str, by_model: dict[str, list], field: str, counted: str, cap: int) -> dict[str, Any]:
+    groups = []
+    for model in sorted(by_model):
+        members = by_model[model]
+        hits = sum(1 for s in members if (s.get("verdict") or {}).get(field))
+        groups.append(_sample_group(f"{model}: {hits} of {len(members)} {counted}", members, cap))
+    return {"title": title, "groups": groups}
 
 
 def _attack_sections(report: dict[str, Any], decision: dict[str, Any] | None) -> list[dict[str, Any]]:
