@@ -25,23 +25,20 @@ def train_job(model_dir: str, data: str, out: str, batch_size: int) -> None:
     train(data, config=str(policy), out=out, validated=True)
 
 
-def audit_job(model_dir: str, adapter: str, out: str) -> None:
+AUDITS = {  # the audit options of each job: prefilling alone, and both attacks beside it at a tiny budget
+    "audit": dict(sample_harmful=9, sample_benign=5, sample_utility=4, max_new_tokens=6, prefill_k=(0, 3),
+                  prefix_tokens=8, kl_positions=4, batch_size=4, decoding_attack=False, gcg_attack=False),
+    "attacks": dict(sample_harmful=4, sample_benign=2, utility_set=None, max_new_tokens=4, prefill_k=(0,),
+                    prefix_tokens=6, kl_positions=4, batch_size=4, decoding_temperatures=(0.5,), decoding_top_k=(5,),
+                    decoding_top_p=(0.9,), decoding_prompts=3, gcg_prompts=2, gcg_steps=2, gcg_search_width=8,
+                    gcg_topk=8, gcg_suffix_init="x x x x"),
+}
+
+
+def audit_job(kind: str, model_dir: str, adapter: str, out: str) -> None:
     from guardtune.auditing import audit
 
-    result = audit(adapter, out=out, model=model_dir, prefix_model=model_dir, sample_harmful=9, sample_benign=5,
-                   sample_utility=4, max_new_tokens=6, prefill_k=(0, 3), prefix_tokens=8, kl_positions=4,
-                   batch_size=4, decoding_attack=False, gcg_attack=False)
-    print(f"process {os.environ.get('RANK', '0')}: {'report' if result is not None else 'none'}")
-
-
-def attacks_job(model_dir: str, adapter: str, out: str) -> None:
-    """An audit with both attacks beside prefilling at a tiny budget (decoding grid and GCG prompts sharded)."""
-    from guardtune.auditing import audit
-
-    result = audit(adapter, out=out, model=model_dir, prefix_model=model_dir, sample_harmful=4, sample_benign=2,
-                   utility_set=None, max_new_tokens=4, prefill_k=(0,), prefix_tokens=6, kl_positions=4, batch_size=4,
-                   decoding_temperatures=(0.5,), decoding_top_k=(5,), decoding_top_p=(0.9,), decoding_prompts=3,
-                   gcg_prompts=2, gcg_steps=2, gcg_search_width=8, gcg_topk=8, gcg_suffix_init="x x x x")
+    result = audit(adapter, out=out, model=model_dir, prefix_model=model_dir, **AUDITS[kind])
     print(f"process {os.environ.get('RANK', '0')}: {'report' if result is not None else 'none'}")
 
 
@@ -49,9 +46,7 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "train":
         train_job(args[0], args[1], args[2], int(args[3]))
-    elif command == "audit":
-        audit_job(*args)
-    elif command == "attacks":
-        attacks_job(*args)
+    elif command in AUDITS:
+        audit_job(command, *args)
     else:
         raise SystemExit(f"unknown command {command!r}")

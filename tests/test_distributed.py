@@ -70,19 +70,26 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path, data, lear
     assert all(bool((load_file(str(c1))[k] == load_file(str(c2))[k]).all()) for k in load_file(str(c1)))
 
 
-def test_two_processes_audit_with_the_continuations_of_one(tmp_path, learnable_model_dir):
-    """The hf backend splits the prompts over the processes and gathers them; the main process judges and writes
-    the same report one process writes (samples byte for byte)."""
+def audit_by_one_and_two_processes(job: str, model_dir: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """distributed_job.py `job` (an audit of a moved adapter) run alone, then under 2 processes: the two
+    report.json, after checking that only the main process of the two reported."""
     from tiny_models import save_moved_adapter
 
-    adapter = save_moved_adapter(learnable_model_dir, tmp_path / "adapter")
-    args = [str(JOB), "audit", str(learnable_model_dir), str(adapter)]
+    adapter = save_moved_adapter(model_dir, tmp_path / "adapter")
+    args = [str(JOB), job, str(model_dir), str(adapter)]
     launch([*args, str(tmp_path / "one")], 1, tmp_path / "c1")
     done = launch([*args, str(tmp_path / "two")], 2, tmp_path / "c2")
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("process")) == \
         ["process 0: report", "process 1: none"]
-    assert (tmp_path / "two" / "samples.jsonl").read_bytes() == (tmp_path / "one" / "samples.jsonl").read_bytes()
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    return one, two
+
+
+def test_two_processes_audit_with_the_continuations_of_one(tmp_path, learnable_model_dir):
+    """The hf backend splits the prompts over the processes and gathers them; the main process judges and writes
+    the same report one process writes (samples byte for byte)."""
+    one, two = audit_by_one_and_two_processes("audit", learnable_model_dir, tmp_path)
+    assert (tmp_path / "two" / "samples.jsonl").read_bytes() == (tmp_path / "one" / "samples.jsonl").read_bytes()
     assert two["results"] == one["results"]
     assert two["provenance"]["generation"] == {"backend": "hf", "processes": 2}
 
@@ -90,15 +97,7 @@ def test_two_processes_audit_with_the_continuations_of_one(tmp_path, learnable_m
 def test_two_processes_run_the_attacks_beside_prefilling(tmp_path, learnable_model_dir):
     """GCG prompts are split over the processes (the same suffixes as one process: each is seeded on its own) and
     so are the decoding grid's samples (seeded per batch: the same shape, not the same samples)."""
-    from tiny_models import save_moved_adapter
-
-    adapter = save_moved_adapter(learnable_model_dir, tmp_path / "adapter")
-    args = [str(JOB), "attacks", str(learnable_model_dir), str(adapter)]
-    launch([*args, str(tmp_path / "one")], 1, tmp_path / "c1")
-    done = launch([*args, str(tmp_path / "two")], 2, tmp_path / "c2")
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("process")) == \
-        ["process 0: report", "process 1: none"]
-    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    one, two = audit_by_one_and_two_processes("attacks", learnable_model_dir, tmp_path)
     assert [s["suffix"] for s in two["attacks"]["gcg"]["suffixes"]] == \
         [s["suffix"] for s in one["attacks"]["gcg"]["suffixes"]]
     for model in ("base", "finetuned"):
