@@ -320,14 +320,14 @@ def _with_attacks(result: dict[str, Any], samples: list[dict], attack_result: tu
     errors["rate"] = errors["errors"] / errors["samples"] if errors["samples"] else 0.0
 
 
-def _plan_attacks(cfg: AuditConfig, targets: list[_Target], prompt_ids: Callable[[str], list[int]], model_obj, info,
-                  tokenizer, progress: Progress | None) -> tuple[_Attacks, dict[str, Any]]:
-    """The attacks' prompts and the GCG suffixes (cached by the base's weights hash and the settings; optimised with
-    the adapter disabled, each process its share of the prompts) -> (plan, the report's "attacks" description)."""
+def _plan_attacks(cfg: AuditConfig, settings: list, targets: list[_Target], prompt_ids: Callable[[str], list[int]],
+                  model_obj, info, tokenizer, progress: Progress | None) -> tuple[_Attacks, dict[str, Any]]:
+    """The attacks' prompts (`settings`: the decoding grid, empty when the exploit is off) and the GCG suffixes
+    (cached by the base's weights hash and the settings; optimised with the adapter disabled, each process its share
+    of the prompts) -> (plan, the report's "attacks" description)."""
     described: dict[str, Any] = {"version": 1, "decoding": None, "gcg": None}
-    settings, decoding = [], []
-    if cfg.decoding_attack:
-        settings = attacks.decoding_grid(cfg.decoding_temperatures, cfg.decoding_top_k, cfg.decoding_top_p)
+    decoding = []
+    if settings:
         decoding = targets[:cfg.decoding_prompts] if cfg.decoding_prompts else targets
         described["decoding"] = {"settings": [s.to_dict() for s in settings], "prompts": len(decoding),
                                  "generations_per_model": len(settings) * len(decoding),
@@ -431,12 +431,13 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
     second = get_judge(**cfg.second_judge) if cfg.second_judge else None
     if cfg.gcg_attack:
         attacks.nanogcg_version()  # not installed: refused now, before anything loads
-    if cfg.decoding_attack:  # the budget, now that the number of audited prompts is known
-        settings = len(attacks.decoding_grid(cfg.decoding_temperatures, cfg.decoding_top_k, cfg.decoding_top_p))
+    grid = attacks.decoding_grid(cfg.decoding_temperatures, cfg.decoding_top_k, cfg.decoding_top_p) \
+        if cfg.decoding_attack else []
+    if grid:  # the budget, now that the number of audited prompts is known
         prompts = min(cfg.decoding_prompts or len(harmful), len(harmful))
-        if settings * prompts > cfg.decoding_max_generations:
-            raise ConfigError(f"audit.attacks.decoding: {settings} settings x {prompts} prompts = "
-                              f"{settings * prompts} generations per model, above max_generations "
+        if len(grid) * prompts > cfg.decoding_max_generations:
+            raise ConfigError(f"audit.attacks.decoding: {len(grid)} settings x {prompts} prompts = "
+                              f"{len(grid) * prompts} generations per model, above max_generations "
                               f"({cfg.decoding_max_generations}); set attacks.decoding.prompts, shrink the grid or "
                               f"raise max_generations.")
 
@@ -484,7 +485,7 @@ def audit(adapter: str | Path | None = None, config: AuditConfig | RunConfig | P
         continue_ = _vllm_continue(engine, stop_ids(model_obj, tokenizer), cfg)
     else:
         continue_ = _hf_continue(model_obj, tokenizer, cfg)
-    plan, attacks_described = _plan_attacks(cfg, targets, prompt_ids, model_obj, info, tokenizer, progress)
+    plan, attacks_described = _plan_attacks(cfg, grid, targets, prompt_ids, model_obj, info, tokenizer, progress)
 
     base_key = {"weights": info.weights_sha256, "quantization": info.quantization, "dtype": info.dtype,
                 "config": config_dict, "judge": judge.describe(), "sets": sets_sha,
